@@ -1,0 +1,59 @@
+// Multi-tensor vector ops for Steihaug-CG, CPU (OpenMP). Torch-free.
+//
+// A "tensor list" is `count` contiguous buffers: ptrs[i] points at numels[i]
+// elements of one DType. All lists passed to one call have the same count,
+// the same numels and the same DType (the torch glue checks this).
+//
+// Arithmetic: every element is loaded exactly into double, each output is
+// rounded once into its storage type, and reductions accumulate in double
+// with a fixed summation order, so results do not depend on the number of
+// threads (see float_types.h).
+#pragma once
+
+#include <cstdint>
+
+#include "float_types.h"
+
+namespace llmopt_ext {
+namespace cpu {
+
+struct ConstList { const void* const* ptrs; };
+struct MutList { void* const* ptrs; };
+
+struct ListShape {
+  DType dtype;
+  int64_t count;           // number of tensors
+  const int64_t* numels;   // numels[i] of tensor i
+};
+
+// Scalars are float32 (as in torch's fp32 math for these dtypes).
+
+// sum_i <xs[i], ys[i]>
+double mt_dot(const ListShape& s, ConstList xs, ConstList ys);
+// sum_i ||xs[i]||^2
+double mt_norm_sq(const ListShape& s, ConstList xs);
+// ys[i] = a * xs[i] + b * ys[i]
+void mt_axpby(const ListShape& s, MutList ys, ConstList xs, float a, float b);
+
+struct CgStepNorms {
+  double x_norm_sq;  // ||x||^2 of the updated x
+  double r_norm_sq;  // ||r||^2 of the updated r
+  double r_dot_z;    // r^T M^-1 r of the updated r (== r_norm_sq without a preconditioner)
+};
+// x += alpha * p; r += alpha * hp; returns the norms of the updated vectors.
+// minv (M^-1 as a diagonal, same shapes) may have ptrs == nullptr.
+CgStepNorms mt_cg_step(const ListShape& s, MutList xs, MutList rs, ConstList ps, ConstList hps,
+                       ConstList minv, float alpha);
+// p = -(M^-1 r) + beta * p   (M^-1 = identity when minv.ptrs == nullptr)
+void mt_cg_direction(const ListShape& s, MutList ps, ConstList rs, ConstList minv, float beta);
+
+// Elements per work item. 16K elements (64 KiB of fp32) keeps a chunk's
+// streams inside L2 and gives 512 chunks at 128 LoRA tensors of 16x4096:
+// enough to balance two to a few dozen OpenMP threads.
+constexpr int64_t kChunkElems = 16384;
+// Below this many elements in total a call runs on one thread: the OpenMP
+// fork/join (~2-5 us) costs more than it saves.
+constexpr int64_t kParallelMinElems = 65536;
+
+}  // namespace cpu
+}  // namespace llmopt_ext

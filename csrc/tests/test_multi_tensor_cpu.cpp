@@ -1,0 +1,260 @@
+// Unit tests of the torch-free CPU kernel library (run by ctest).
+//
+// Rounding helpers are checked exhaustively (fp16/bf16 round trips) and on the
+// double-rounding traps round-to-odd exists for; the multi-tensor ops are
+// checked against long-double loops written independently of the kernels.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "../cpu/float_types.h"
+#include "../cpu/multi_tensor.h"
+
+using namespace llmopt_ext;
+
+static int g_failures = 0;
+#define CHECK(cond, ...)                                   \
+  do {                                                     \
+    if (!(cond)) {                                         \
+      ++g_failures;                                        \
+      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
+      std::fprintf(stderr, __VA_ARGS__);                   \
+      std::fprintf(stderr, "\n");                          \
+      if (g_failures > 20) std::exit(1);                   \
+    }                                                      \
+  } while (0)
+
+// ---- independent oracles -------------------------------------------------
+
+// Value of a bf16 / fp16 bit pattern, decoded from the IEEE definition.
+static long double decode(uint16_t bits, int mant_bits, int bias) {
+  const int exp_bits = 15 - mant_bits;
+  const int e = (bits >> mant_bits) & ((1 << exp_bits) - 1);
+  const int m = bits & ((1 << mant_bits) - 1);
+  const long double sign = (bits & 0x8000) ? -1.0L : 1.0L;
+  if (e == (1 << exp_bits) - 1) return m ? NAN : sign * INFINITY;
+  if (e == 0) return sign * std::ldexp((long double)m, 1 - bias - mant_bits);
+  return sign * std::ldexp((long double)(m | (1 << mant_bits)), e - bias - mant_bits);
+}
+
+// Correct RNE rounding of d to a 16-bit format, by search over the two
+// neighbours of a brute-force scan (monotone bit patterns per sign).
+static uint16_t round_exact(double d, int mant_bits, int bias) {
+  const uint16_t sign = std::signbit(d) ? 0x8000 : 0;
+  const long double a = std::fabs((long double)d);
+  // largest finite magnitude pattern
+  const uint16_t max_finite = (uint16_t)(((((1 << (15 - mant_bits)) - 1) - 1) << mant_bits) | ((1 << mant_bits) - 1));
+  // binary search for the largest pattern with value <= a
+  int lo = 0, hi = max_finite;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (decode((uint16_t)mid, mant_bits, bias) <= a) lo = mid; else hi = mid - 1;
+  }
+  const long double vlo = decode((uint16_t)lo, mant_bits, bias);
+  if (vlo == a) return sign | lo;
+  long double vhi;
+  if (lo == max_finite) {  // overflow threshold: halfway to the next power of two
+    vhi = std::ldexp(1.0L, (1 << (14 - mant_bits)));
+  } else {
+    vhi = decode((uint16_t)(lo + 1), mant_bits, bias);
+  }
+  const long double dlo = a - vlo, dhi = vhi - a;
+  int pick;
+  if (dlo < dhi) pick = lo;
+  else if (dhi < dlo) pick = lo + 1;
+  else pick = (lo & 1) ? lo + 1 : lo;
+  if (pick > max_finite) return sign | (uint16_t)(max_finite + 1);  // inf
+  return sign | (uint16_t)pick;
+}
+
+static void test_roundtrips() {
+  for (uint32_t h = 0; h < 65536; ++h) {
+    const double vh = load(fp16{(uint16_t)h});
+    const long double want = decode((uint16_t)h, 10, 15);
+    if (std::isnan(want)) {
+      CHECK(std::isnan(vh), "fp16 %04x should decode to NaN", h);
+      CHECK(std::isnan(load(store<fp16>(vh))), "fp16 NaN %04x must stay NaN", h);
+      continue;
+    }
+    CHECK((long double)vh == want, "fp16 %04x decodes to %.17g", h, vh);
+    CHECK(store<fp16>(vh).bits == h, "fp16 %04x round trip", h);
+    const double vb = load(bf16{(uint16_t)h});
+    const long double wantb = decode((uint16_t)h, 7, 127);
+    if (std::isnan(wantb)) continue;
+    CHECK((long double)vb == wantb, "bf16 %04x decodes to %.17g", h, vb);
+    CHECK(store<bf16>(vb).bits == h, "bf16 %04x round trip", h);
+  }
+}
+
+static void test_single_rounding() {
+  std::mt19937_64 rng(1234);
+  int traps = 0;
+  for (int it = 0; it < 200000; ++it) {
+    // Random doubles over a wide range, plus midpoints of adjacent 16-bit
+    // values nudged by less than float precision: rounding through float with
+    // RNE would hit an exact tie there and could pick the wrong neighbour.
+    const int kind = it % 3;
+    for (int fmt = 0; fmt < 2; ++fmt) {
+      const int mant = fmt ? 10 : 7, bias = fmt ? 15 : 127;
+      double d;
+      if (kind == 0) {
+        const double m = std::uniform_real_distribution<double>(-2, 2)(rng);
+        const int e = std::uniform_int_distribution<int>(fmt ? -26 : -130, fmt ? 17 : 128)(rng);
+        d = std::ldexp(m, e);
+      } else {
+        const uint16_t b = (uint16_t)(rng() & 0x7bff);
+        const long double v0 = decode(b, mant, bias), v1 = decode((uint16_t)(b + 1), mant, bias);
+        if (std::isnan(v0) || std::isnan(v1) || std::isinf(v1)) continue;
+        const double mid = (double)((v0 + v1) / 2);
+        const double nudge = std::ldexp(std::fabs(mid), -40) * (kind == 1 ? 1 : -1);
+        d = mid + nudge;
+        ++traps;
+      }
+      const uint16_t want = round_exact(d, mant, bias);
+      const uint16_t got = fmt ? store<fp16>(d).bits : store<bf16>(d).bits;
+      CHECK(got == want, "%s(%.20g) = %04x, want %04x", fmt ? "fp16" : "bf16", d, got, want);
+    }
+  }
+  CHECK(traps > 1000, "too few midpoint cases (%d)", traps);
+}
+
+// ---- multi-tensor ops ----------------------------------------------------
+
+template <class T>
+struct Lists {
+  std::vector<std::vector<T>> data;
+  std::vector<void*> ptrs;
+  explicit Lists(const std::vector<int64_t>& numels, std::mt19937_64& rng, double scale = 1.0) {
+    std::normal_distribution<double> nd(0.0, scale);
+    for (int64_t n : numels) {
+      std::vector<T> v((size_t)n);
+      for (auto& e : v) e = store<T>(nd(rng));
+      data.push_back(std::move(v));
+    }
+    for (auto& v : data) ptrs.push_back(v.data());
+  }
+  cpu::ConstList c() const { return {ptrs.data()}; }
+  cpu::MutList m() { return {ptrs.data()}; }
+  long double at(size_t t, size_t i) const { return load(data[t][i]); }
+};
+
+template <class T> DType dtype_of();
+template <> DType dtype_of<float>() { return DType::Float32; }
+template <> DType dtype_of<bf16>() { return DType::BFloat16; }
+template <> DType dtype_of<fp16>() { return DType::Float16; }
+
+static bool close(long double got, long double want, long double abs_scale) {
+  // double accumulation: the only error beyond the final fp32 rounding of the
+  // result is ~n * 2^-53 relative to sum |terms|.
+  return std::fabs(got - want) <= 1e-12L * abs_scale + 1e-300L;
+}
+
+// The long-double value `v` rounded once into T, as the kernels must store it.
+template <class T> static T round_into(long double v) {
+  return store<T>((double)v);  // exact inputs: the double value equals v up to 2^-53 rel.
+}
+
+template <class T>
+static void test_ops(const std::vector<int64_t>& numels, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  const cpu::ListShape s{dtype_of<T>(), (int64_t)numels.size(), numels.data()};
+  Lists<T> x(numels, rng), y(numels, rng), p(numels, rng), hp(numels, rng);
+  std::vector<std::vector<T>> m_data;
+  Lists<T> minv(numels, rng);
+  for (auto& v : minv.data)
+    for (auto& e : v) e = store<T>(0.5 + std::fabs(load(e)));  // positive diagonal
+
+  // dot / norm
+  long double dot = 0, dabs = 0, nsq = 0;
+  for (size_t t = 0; t < numels.size(); ++t)
+    for (int64_t i = 0; i < numels[t]; ++i) {
+      dot += x.at(t, i) * y.at(t, i);
+      dabs += std::fabs(x.at(t, i) * y.at(t, i));
+      nsq += x.at(t, i) * x.at(t, i);
+    }
+  CHECK(close(cpu::mt_dot(s, x.c(), y.c()), dot, dabs), "mt_dot %s", dtype_name(s.dtype));
+  CHECK(close(cpu::mt_norm_sq(s, x.c()), nsq, nsq), "mt_norm_sq %s", dtype_name(s.dtype));
+
+#ifdef _OPENMP
+  // Same bits with 1 and 2 threads (fixed chunking and summation order).
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(1);
+  const double d1 = cpu::mt_dot(s, x.c(), y.c());
+  omp_set_num_threads(2);
+  const double d2 = cpu::mt_dot(s, x.c(), y.c());
+  omp_set_num_threads(saved);
+  CHECK(d1 == d2, "mt_dot depends on the thread count: %.17g vs %.17g", d1, d2);
+#endif
+
+  // axpby: y = a x + b y, one rounding per element
+  {
+    Lists<T> yy = y;
+    yy.ptrs.clear();
+    for (auto& v : yy.data) yy.ptrs.push_back(v.data());
+    const float a = 0.37f, b = -1.25f;
+    cpu::mt_axpby(s, yy.m(), x.c(), a, b);
+    for (size_t t = 0; t < numels.size(); ++t)
+      for (int64_t i = 0; i < numels[t]; ++i) {
+        const T want = round_into<T>((long double)a * x.at(t, i) + (long double)b * y.at(t, i));
+        CHECK(load(yy.data[t][i]) == load(want), "mt_axpby %s [%zu][%lld]", dtype_name(s.dtype), t,
+              (long long)i);
+      }
+  }
+
+  // cg_step and cg_direction, with and without the preconditioner
+  for (int pre = 0; pre < 2; ++pre) {
+    Lists<T> xx = x, rr = y, pp = p;
+    for (auto* L : {&xx, &rr, &pp}) {
+      L->ptrs.clear();
+      for (auto& v : L->data) L->ptrs.push_back(v.data());
+    }
+    const float alpha = -0.8125f, beta = 0.4375f;
+    const cpu::ConstList mc = pre ? minv.c() : cpu::ConstList{nullptr};
+    const cpu::CgStepNorms n = cpu::mt_cg_step(s, xx.m(), rr.m(), pp.c(), hp.c(), mc, alpha);
+    long double xs = 0, rs = 0, rz = 0;
+    for (size_t t = 0; t < numels.size(); ++t)
+      for (int64_t i = 0; i < numels[t]; ++i) {
+        const long double xn = load(round_into<T>(x.at(t, i) + (long double)alpha * p.at(t, i)));
+        const long double rn = load(round_into<T>(y.at(t, i) + (long double)alpha * hp.at(t, i)));
+        CHECK(xx.at(t, i) == xn && rr.at(t, i) == rn, "mt_cg_step values %s", dtype_name(s.dtype));
+        xs += xn * xn;
+        rs += rn * rn;
+        rz += rn * (pre ? minv.at(t, i) : 1.0L) * rn;
+      }
+    CHECK(close(n.x_norm_sq, xs, xs) && close(n.r_norm_sq, rs, rs) && close(n.r_dot_z, rz, rz),
+          "mt_cg_step norms %s pre=%d: %.17g %.17g %.17g vs %.17Lg %.17Lg %.17Lg", dtype_name(s.dtype),
+          pre, n.x_norm_sq, n.r_norm_sq, n.r_dot_z, xs, rs, rz);
+
+    cpu::mt_cg_direction(s, pp.m(), rr.c(), mc, beta);
+    for (size_t t = 0; t < numels.size(); ++t)
+      for (int64_t i = 0; i < numels[t]; ++i) {
+        const long double z = (pre ? minv.at(t, i) : 1.0L) * rr.at(t, i);
+        const long double want = load(round_into<T>((long double)beta * p.at(t, i) - z));
+        CHECK(pp.at(t, i) == want, "mt_cg_direction %s pre=%d", dtype_name(s.dtype), pre);
+      }
+  }
+}
+
+int main() {
+  test_roundtrips();
+  test_single_rounding();
+  // odd sizes, an empty tensor, sizes straddling the chunk and lane widths
+  const std::vector<int64_t> shapes = {1, 7, 0, 123, 4097, cpu::kChunkElems + 3, 16 * 4096, 9};
+  test_ops<float>(shapes, 1);
+  test_ops<bf16>(shapes, 2);
+  test_ops<fp16>(shapes, 3);
+  std::vector<int64_t> many(300, 17);  // many tiny tensors
+  test_ops<float>(many, 4);
+  if (g_failures) {
+    std::fprintf(stderr, "%d failure(s)\n", g_failures);
+    return 1;
+  }
+  std::printf("test_multi_tensor_cpu: all passed\n");
+  return 0;
+}

@@ -1,0 +1,61 @@
+// Argument checking and preparation for multi-tensor ops, shared by the CPU
+// and CUDA glue. All checks run before anything is written, so a rejected
+// call leaves every input untouched.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "../cpu/float_types.h"
+
+namespace llmopt_ext {
+
+// One list argument of an op: its name in the schema, the tensors, and
+// whether the op writes it.
+struct ListArg {
+  const char* name;
+  at::TensorList tensors;
+  bool written;
+};
+
+// The checked lists, as raw pointers for the kernels. Lists the op writes
+// that are not contiguous are computed into contiguous temporaries and
+// copied back by finish().
+class PreparedLists {
+ public:
+  DType dtype;
+  at::Device device{at::kCPU};
+  std::vector<int64_t> numels;
+
+  const void* const* in(size_t list) const { return ptrs_[list].data(); }
+  void* const* out(size_t list) const { return const_cast<void* const*>(ptrs_[list].data()); }
+  // Copies results of non-contiguous written tensors back into them.
+  void finish();
+
+ private:
+  friend PreparedLists prepare_lists(const char* op, std::initializer_list<ListArg> lists);
+  std::vector<std::vector<at::Tensor>> keep_;         // keeps contiguous copies alive
+  std::vector<std::vector<const void*>> ptrs_;
+  std::vector<std::pair<at::Tensor, at::Tensor>> copy_back_;  // (user tensor, temporary)
+};
+
+// Checks that every list has as many tensors as the first (which must be
+// non-empty), and that tensor i of every list has the shape of tensor i of the
+// first list, one floating dtype (float32, bfloat16 or float16) and one device
+// shared by all tensors of all lists. Errors name the op and the argument.
+PreparedLists prepare_lists(const char* op, std::initializer_list<ListArg> lists);
+
+// A scalar coefficient given as a tensor with one element: a CPU tensor is
+// read on the host (free), a tensor on the lists' device must be float32 and
+// is read by the kernel (no host sync).
+struct ScalarValue {
+  float value;
+  const float* device_ptr;  // nullptr: use value
+};
+ScalarValue scalar_value(const char* op, const char* name, const at::Tensor& s,
+                         const at::Device& device);
+
+}  // namespace llmopt_ext

@@ -1,0 +1,138 @@
+"""Which implementation of an op runs: CUDA C++, Triton, CPU C++ or the pure-PyTorch reference.
+
+The default is the fastest available path for the tensors' device:
+``cuda > triton > reference`` on GPU tensors and ``cpu > reference`` on CPU tensors
+(Triton runs on CPU tensors only when forced and ``TRITON_INTERPRET=1``).
+
+Forcing one path, for debugging and benchmarks::
+
+    LLMOPT_BACKEND=reference python train.py          # whole process
+    with llmopt_ext.backend.use("cpu"): ...            # a block of code
+
+A forced path that the op lacks, that cannot run on the tensors' device, or that
+was not built raises RuntimeError; it never falls back silently.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import Iterator
+
+import torch
+
+from . import _extension
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+
+# op name -> backends that implement it, filled by llmopt_ext.ops modules
+_OPS: dict[str, tuple[str, ...]] = {}
+_forced: list[str | None] = []  # innermost use(...) last
+
+
+def register_op(name: str, backends: tuple[str, ...]) -> None:
+    unknown = set(backends) - set(BACKENDS)
+    if unknown:
+        raise ValueError(f"{name}: unknown backends {sorted(unknown)}")
+    _OPS[name] = tuple(b for b in BACKENDS if b in backends)
+
+
+def ops() -> dict[str, tuple[str, ...]]:
+    """Every registered op and the backends that implement it."""
+    return dict(_OPS)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401, PLC0415
+    except Exception:  # noqa: BLE001 - any failure means "not usable"
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def unavailable_reason(backend: str) -> str | None:
+    """None if `backend` was built and can run on this machine, else why not."""
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        return None if _extension.loaded() else f"_C did not load ({_extension.LOAD_ERROR})"
+    if backend == "cuda":
+        if not _extension.loaded():
+            return f"_C did not load ({_extension.LOAD_ERROR})"
+        if not _extension.built_with_cuda():
+            return "_C was built without CUDA kernels"
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        return None
+    if backend == "triton":
+        if not _triton_importable():
+            return "triton is not installed"
+        if not (torch.cuda.is_available() or _interpreting()):
+            return "no CUDA device (set TRITON_INTERPRET=1 to interpret on CPU)"
+        return None
+    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+def available() -> dict[str, bool]:
+    return {b: unavailable_reason(b) is None for b in BACKENDS}
+
+
+def _runs_on(backend: str, device: torch.device) -> bool:
+    if backend == "reference":
+        return True
+    if backend == "triton":
+        return device.type == "cuda" or (device.type == "cpu" and _interpreting())
+    return device.type == backend
+
+
+def forced() -> str | None:
+    """The forced backend (innermost `use(...)`, else $LLMOPT_BACKEND), or None."""
+    if _forced:
+        return _forced[-1]
+    name = os.environ.get("LLMOPT_BACKEND", "").strip().lower()
+    if not name or name == "auto":
+        return None
+    if name not in BACKENDS:
+        raise RuntimeError(f"LLMOPT_BACKEND={name!r} is not one of {BACKENDS} (or 'auto')")
+    return name
+
+
+@contextlib.contextmanager
+def use(backend: str | None) -> Iterator[None]:
+    """Force `backend` for ops called inside the block (None: automatic choice, ignoring
+    $LLMOPT_BACKEND)."""
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    _forced.append(backend)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def select(op: str, device: torch.device) -> str:
+    """The backend that runs `op` on tensors of `device`."""
+    impls = _OPS[op]
+    want = forced()
+    if want is not None:
+        if want not in impls:
+            raise RuntimeError(
+                f"backend {want!r} is forced but {op} has no {want} implementation "
+                f"(it has: {', '.join(impls)})"
+            )
+        if not _runs_on(want, device):
+            raise RuntimeError(f"backend {want!r} is forced but cannot run {op} on {device.type} tensors")
+        why = unavailable_reason(want)
+        if why is not None:
+            raise RuntimeError(f"backend {want!r} is forced for {op} but unavailable: {why}")
+        return want
+    order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
+    for b in order:
+        if b in impls and _runs_on(b, device) and unavailable_reason(b) is None:
+            return b
+    return "reference"

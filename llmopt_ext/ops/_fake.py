@@ -1,0 +1,29 @@
+"""Fake (meta) implementations of the C++ ops, so they trace under torch.compile and
+FakeTensorMode. Registered only when _C (which defines the schemas) is loaded."""
+from __future__ import annotations
+
+import torch
+
+
+def register() -> None:
+    lib = "llmopt_ext::"
+
+    @torch.library.register_fake(lib + "mt_dot")
+    def _mt_dot(xs, ys):
+        return xs[0].new_empty((), dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "mt_norm_sq")
+    def _mt_norm_sq(xs):
+        return xs[0].new_empty((), dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "mt_axpby_")
+    def _mt_axpby_(ys, xs, a, b):
+        return None
+
+    @torch.library.register_fake(lib + "mt_cg_step_")
+    def _mt_cg_step_(xs, rs, ps, hps, alpha, minv=None):
+        return xs[0].new_empty((3,), dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "mt_cg_direction_")
+    def _mt_cg_direction_(ps, rs, beta, minv=None):
+        return None
