@@ -40,48 +40,49 @@ namespace detail {
 inline uint32_t f32_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 inline float f32_from_bits(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 
+// Branch-free (selects only) so the loops that call these vectorise.
+
 // double -> float32 rounded to odd: truncate toward zero, and set the last bit
-// when the conversion was inexact (the "sticky" bit).
+// when the conversion was inexact (the "sticky" bit). NaN stays NaN.
 inline float round_to_odd_f32(double d) {
-  float f = static_cast<float>(d);  // RNE
-  if (static_cast<double>(f) == d || std::isnan(d)) return f;
+  const float f = static_cast<float>(d);  // RNE
+  const double back = static_cast<double>(f);
   uint32_t u = f32_bits(f);
-  if (std::fabs(static_cast<double>(f)) > std::fabs(d)) u -= 1;  // step toward zero
-  return f32_from_bits(u | 1u);
+  u -= (std::fabs(back) > std::fabs(d)) ? 1u : 0u;  // step toward zero
+  u |= (back != d) ? 1u : 0u;                        // sticky bit
+  return f32_from_bits(u);
 }
 
 inline uint16_t f32_to_bf16_rne(float f) {
-  uint32_t u = f32_bits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);  // quiet NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
+  const uint32_t u = f32_bits(f);
+  const uint32_t rne = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t nan = (u >> 16) | 0x0040u;  // quiet NaN, sign kept
+  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? nan : rne);
 }
 
 inline uint16_t f32_to_f16_rne(float f) {
   const uint32_t u = f32_bits(f);
-  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return sign | 0x7e00u;              // NaN
-  if (a >= 0x477ff000u) return sign | 0x7c00u;             // >= 65520 rounds to inf
-  if (a < 0x38800000u) {                                   // below 2^-14: subnormal or zero
-    // Adding 0.5 puts the value's 2^-24 units in the low mantissa bits; the FPU
-    // does the round-to-nearest-even.
-    const float t = f32_from_bits(a) + 0.5f;
-    return sign | static_cast<uint16_t>(f32_bits(t) - 0x3f000000u);
-  }
+  // Below 2^-14 (subnormal or zero): adding 0.5 puts the value's 2^-24 units in
+  // the low mantissa bits and the FPU does the round-to-nearest-even.
+  const uint32_t sub = f32_bits(f32_from_bits(a) + 0.5f) - 0x3f000000u;
   // Normal: rebias the exponent (127 -> 15) and round the 13 dropped bits to even.
-  const uint32_t odd = (a >> 13) & 1u;
-  const uint32_t r = a - (112u << 23) + 0xfffu + odd;
-  return sign | static_cast<uint16_t>(r >> 13);
+  const uint32_t norm = (a - (112u << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13;
+  uint32_t r = a < 0x38800000u ? sub : norm;
+  r = a >= 0x477ff000u ? 0x7c00u : r;  // >= 65520 rounds to inf
+  r = a > 0x7f800000u ? 0x7e00u : r;   // NaN
+  return static_cast<uint16_t>(sign | r);
 }
 
 inline float f16_to_f32(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t em = h & 0x7fffu;
-  if (em >= 0x7c00u) return f32_from_bits(sign | 0x7f800000u | ((em & 0x3ffu) << 13));
-  if (em >= 0x0400u) return f32_from_bits(sign | ((em << 13) + (112u << 23)));
-  const float v = static_cast<float>(em) * 0x1p-24f;  // subnormal: exact
-  return f32_from_bits(sign | f32_bits(v));
+  const uint32_t normal = (em << 13) + (112u << 23);
+  const uint32_t infnan = 0x7f800000u | ((em & 0x3ffu) << 13);
+  const uint32_t sub = f32_bits(static_cast<float>(static_cast<int32_t>(em)) * 0x1p-24f);  // exact
+  const uint32_t r = em >= 0x7c00u ? infnan : (em >= 0x0400u ? normal : sub);
+  return f32_from_bits(sign | r);
 }
 
 }  // namespace detail

@@ -83,6 +83,9 @@ static void test_roundtrips() {
       continue;
     }
     CHECK((long double)vh == want, "fp16 %04x decodes to %.17g", h, vh);
+    // the portable bit-twiddling path too (load/store may use _Float16)
+    CHECK((long double)detail::f16_to_f32((uint16_t)h) == want, "f16_to_f32(%04x)", h);
+    CHECK(detail::f32_to_f16_rne(detail::f16_to_f32((uint16_t)h)) == h, "f32_to_f16_rne(%04x)", h);
     CHECK(store<fp16>(vh).bits == h, "fp16 %04x round trip", h);
     const double vb = load(bf16{(uint16_t)h});
     const long double wantb = decode((uint16_t)h, 7, 127);
@@ -119,6 +122,10 @@ static void test_single_rounding() {
       const uint16_t want = round_exact(d, mant, bias);
       const uint16_t got = fmt ? store<fp16>(d).bits : store<bf16>(d).bits;
       CHECK(got == want, "%s(%.20g) = %04x, want %04x", fmt ? "fp16" : "bf16", d, got, want);
+      if (fmt) {
+        const uint16_t portable = detail::f32_to_f16_rne(detail::round_to_odd_f32(d));
+        CHECK(portable == want, "portable fp16(%.20g) = %04x, want %04x", d, portable, want);
+      }
     }
   }
   CHECK(traps > 1000, "too few midpoint cases (%d)", traps);

@@ -1,0 +1,54 @@
+"""Shared test helpers: devices, backends and the per-dtype tolerance table."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llmopt_ext
+from llmopt_ext import backend
+
+HAS_CUDA = torch.cuda.is_available()
+
+# (atol, rtol) for comparing a low-precision result with an fp32/fp64 oracle, per dtype:
+# half an ulp of the format (round-to-nearest), as relative tolerance.
+ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def backend_params(op: str):
+    """pytest params (backend, device) for every backend implementing `op` that can run
+    here; CUDA ones are marked and skip without a GPU."""
+    params = []
+    impls = backend.ops()[op]
+    for b in impls:
+        if b == "cpu":
+            params.append(pytest.param("cpu", "cpu", id="cpu"))
+        elif b == "reference":
+            params.append(pytest.param("reference", "cpu", id="reference-cpu"))
+            params.append(pytest.param("reference", "cuda", id="reference-cuda", marks=pytest.mark.cuda))
+        elif b == "cuda":
+            params.append(pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda))
+    return params
+
+
+@pytest.fixture(autouse=True)
+def _no_forced_backend_leak():
+    yield
+    assert backend._forced == [], "a test leaked a forced backend"
+
+
+def kernels_loaded() -> bool:
+    return llmopt_ext._extension.loaded()

@@ -1,0 +1,324 @@
+"""Multi-tensor CG vector ops: every backend against the pure-PyTorch reference, the
+reference against plain float64 math, bad input, opcheck and torch.compile."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from llmopt_ext import backend, ops
+from llmopt_ext.ops import reference
+
+from conftest import DTYPES, HAS_CUDA, ULP, backend_params
+
+# odd, tiny, unaligned, empty, and larger than one CPU (16384) and CUDA (8192) chunk
+SHAPES = [(1,), (7,), (123,), (0,), (3, 5, 7), (4097, 5), (16, 33)]
+LAYOUTS = ["contiguous", "transposed", "strided"]
+
+
+def make(shape, dtype, device, layout, gen, scale=1.0):
+    if layout == "contiguous" or len(shape) < 2:
+        base = torch.randn(shape, generator=gen) if layout != "strided" else torch.randn(
+            (*shape[:-1], 2 * shape[-1]), generator=gen)[..., ::2]
+        t = base * scale
+    elif layout == "transposed":
+        t = (torch.randn(shape[::-1], generator=gen) * scale).permute(*reversed(range(len(shape))))
+    else:  # strided
+        t = torch.randn((*shape[:-1], 2 * shape[-1]), generator=gen)[..., ::2] * scale
+    t = t.to(dtype)
+    if layout == "contiguous":
+        t = t.contiguous()
+    return t.to(device)
+
+
+def make_lists(n, dtype, device, layout="contiguous", shapes=SHAPES, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [[make(s, dtype, device, layout, gen) for s in shapes] for _ in range(n)]
+
+
+def clone(ts):
+    return [t.clone() for t in ts]
+
+
+def run(b, fn, *args):
+    with backend.use(b):
+        return fn(*args)
+
+
+def flat64(ts):
+    return torch.cat([t.reshape(-1).double().cpu() for t in ts])
+
+
+def assert_reduction_close(got, want, scale):
+    """Both sides accumulate in float64 and round once to float32: at most one float32 ulp
+    apart, plus float64 summation-order noise relative to sum |terms|."""
+    assert got.dtype == torch.float32 and want.dtype == torch.float32
+    assert got.shape == want.shape
+    tol = ULP[torch.float32] * want.double().abs().cpu() + 1e-13 * scale
+    assert torch.all((got.double().cpu() - want.double().cpu()).abs() <= tol), (got, want)
+
+
+def assert_same(got_list, want_list):
+    for i, (g, w) in enumerate(zip(got_list, want_list)):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert torch.equal(g.cpu(), w.cpu()), f"tensor {i}: max diff {(g.double() - w.double()).abs().max()}"
+
+
+# ---------------------------------------------------------------------------
+# the reference against float64 math written independently
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reference_matches_float64_math(dtype):
+    xs, ys = make_lists(2, dtype, "cpu")
+    exact = float((flat64(xs) * flat64(ys)).sum())
+    assert math.isclose(float(reference.mt_dot(xs, ys)), exact, rel_tol=2**-23, abs_tol=1e-9)
+    assert math.isclose(float(reference.mt_norm_sq(xs)), float(flat64(xs).square().sum()), rel_tol=2**-23)
+    a, b = 0.3, -1.7
+    out = clone(ys)
+    reference.mt_axpby_(out, xs, torch.tensor(a), torch.tensor(b))
+    exact_v = float(torch.tensor(a, dtype=torch.float32)) * flat64(xs) + float(
+        torch.tensor(b, dtype=torch.float32)) * flat64(ys)
+    # correctly rounded: within half an ulp of the format
+    err = (flat64(out) - exact_v).abs()
+    assert torch.all(err <= 0.5 * ULP[dtype] * exact_v.abs() * (1 + 2**-20) + 2.0**-25)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_round_from_f64_is_a_single_rounding(dtype):
+    # Midpoints between adjacent representable values, nudged by far less than a float32 ulp:
+    # float64 -> float32 -> dtype would hit an exact tie and round to even; one rounding
+    # must go to the nearer neighbour.
+    lo = torch.randn(4096, generator=torch.Generator().manual_seed(1)).abs().to(dtype)
+    hi = (lo.view(torch.int16) + 1).view(dtype)
+    mid = (lo.double() + hi.double()) / 2
+    for sign in (1, -1):
+        up = sign * (mid + mid * 2.0**-40)
+        down = sign * (mid - mid * 2.0**-40)
+        assert torch.equal(reference.round_from_f64(up, dtype), sign * hi)
+        assert torch.equal(reference.round_from_f64(down, dtype), sign * lo)
+    # the naive double rounding gets about half of these wrong: the test can fail
+    naive = (mid + mid * 2.0**-40).float().to(dtype)
+    assert (naive != hi).sum() > 1000
+
+
+# ---------------------------------------------------------------------------
+# every backend against the reference
+
+@pytest.mark.parametrize("b,device", backend_params("mt_dot"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_reductions(b, device, dtype, layout):
+    xs, ys = make_lists(2, dtype, device, layout)
+    scale = float((flat64(xs) * flat64(ys)).abs().sum())
+    assert_reduction_close(run(b, ops.mt_dot, xs, ys), reference.mt_dot(xs, ys), scale)
+    got = run(b, ops.mt_norm_sq, xs)
+    assert got.device.type == device and got.dim() == 0
+    assert_reduction_close(got, reference.mt_norm_sq(xs), float(flat64(xs).square().sum()))
+
+
+def _scalar(kind, value, device):
+    if kind == "float":
+        return value
+    if kind == "cpu-tensor":
+        return torch.tensor(value, dtype=torch.float64)
+    return torch.tensor(value, dtype=torch.float32, device=device)
+
+
+SCALAR_KINDS = ["float", "cpu-tensor", "device-tensor"]
+
+
+@pytest.mark.parametrize("b,device", backend_params("mt_axpby_"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("scalars", SCALAR_KINDS)
+def test_axpby(b, device, dtype, layout, scalars):
+    ys, xs = make_lists(2, dtype, device, layout)
+    a, c = _scalar(scalars, 0.37, device), _scalar(scalars, -1.25, device)
+    got = clone(ys)
+    run(b, ops.mt_axpby_, got, xs, a, c)
+    want = clone(ys)
+    reference.mt_axpby_(want, xs, torch.tensor(0.37), torch.tensor(-1.25))
+    assert_same(got, want)
+    # written through the caller's (possibly non-contiguous) views
+    assert [g.stride() for g in got] == [y.stride() for y in ys] or layout == "contiguous"
+
+
+@pytest.mark.parametrize("b,device", backend_params("mt_axpby_"))
+def test_axpby_aliased_lists(b, device):
+    (ys,) = make_lists(1, torch.float32, device)
+    got, want = clone(ys), clone(ys)
+    run(b, ops.mt_axpby_, got, got, 2.0, 0.5)
+    reference.mt_axpby_(want, clone(want), torch.tensor(2.0), torch.tensor(0.5))
+    assert_same(got, want)
+
+
+@pytest.mark.parametrize("b,device", backend_params("mt_cg_step_"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("precond", [False, True])
+def test_cg_step_and_direction(b, device, dtype, layout, precond):
+    xs, rs, ps, hps, m = make_lists(5, dtype, device, layout)
+    minv = [(t.abs() + 0.5).to(dtype) for t in m] if precond else None
+    alpha = _scalar("device-tensor" if device == "cuda" else "float", -0.8125, device)
+
+    x1, r1, x2, r2 = clone(xs), clone(rs), clone(xs), clone(rs)
+    norms = run(b, ops.mt_cg_step_, x1, r1, ps, hps, alpha, minv)
+    want = reference.mt_cg_step_(x2, r2, ps, hps, torch.tensor(-0.8125), minv)
+    assert_same(x1, x2)
+    assert_same(r1, r2)
+    assert norms.shape == (3,) and norms.device.type == device
+    assert_reduction_close(norms, want, float(want.double().abs().max()))
+    if not precond:
+        assert norms[1].item() == norms[2].item()
+
+    p1, p2 = clone(ps), clone(ps)
+    run(b, ops.mt_cg_direction_, p1, r1, 0.4375, minv)
+    reference.mt_cg_direction_(p2, r2, torch.tensor(0.4375), minv)
+    assert_same(p1, p2)
+
+
+@pytest.mark.parametrize("b,device", backend_params("mt_dot"))
+def test_lists_longer_than_one_launch(b, device):
+    # 300 tensors > 256 per CUDA launch; sizes cross the lane (8) and chunk widths.
+    shapes = [((i * 37) % 101 + 1,) for i in range(299)] + [(20000,)]
+    xs, ys, ps, hps = make_lists(4, torch.float32, device, shapes=shapes, seed=3)
+    scale = float((flat64(xs) * flat64(ys)).abs().sum())
+    assert_reduction_close(run(b, ops.mt_dot, xs, ys), reference.mt_dot(xs, ys), scale)
+    x1, y1, x2, y2 = clone(xs), clone(ys), clone(xs), clone(ys)
+    n1 = run(b, ops.mt_cg_step_, x1, y1, ps, hps, 0.25)
+    n2 = reference.mt_cg_step_(x2, y2, ps, hps, torch.tensor(0.25))
+    assert_same(x1, x2)
+    assert_same(y1, y2)
+    assert_reduction_close(n1, n2, float(n2.abs().max()))
+
+
+@pytest.mark.parametrize("b,device", backend_params("mt_dot"))
+def test_all_empty_tensors(b, device):
+    xs = [torch.empty(0, device=device), torch.empty(0, 3, device=device)]
+    assert run(b, ops.mt_dot, xs, clone(xs)).item() == 0.0
+    assert torch.equal(run(b, ops.mt_cg_step_, clone(xs), clone(xs), xs, xs, 1.0).cpu(), torch.zeros(3))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_results_do_not_depend_on_thread_count(dtype):
+    xs, ys = make_lists(2, dtype, "cpu", shapes=[(100_000,), (7,), (40_000,)])
+    saved = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append((run("cpu", ops.mt_dot, xs, ys).item(), run("cpu", ops.mt_norm_sq, xs).item()))
+    finally:
+        torch.set_num_threads(saved)
+    assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,device", backend_params("mt_axpby_"))
+def test_low_precision_error_at_most_plain_pytorch(b, device, dtype):
+    """flash-attention's rule: the kernel's error against float64 is at most 2x the error of
+    plain PyTorch in the same dtype (ours rounds once, so it is at most PyTorch's)."""
+    ys, xs = make_lists(2, dtype, device, shapes=[(10_000,)], seed=7)
+    a, c = 0.3, -1.1
+    exact = float(torch.tensor(a, dtype=torch.float32)) * flat64(xs) + float(
+        torch.tensor(c, dtype=torch.float32)) * flat64(ys)
+    ours = clone(ys)
+    run(b, ops.mt_axpby_, ours, xs, a, c)
+    plain = [y * c + x * a for x, y in zip(xs, ys)]
+    err_ours = (flat64(ours) - exact).abs().max()
+    err_plain = (flat64(plain) - exact).abs().max()
+    assert err_ours <= 2 * err_plain
+    assert err_ours <= 0.5 * ULP[dtype] * exact.abs().max() * (1 + 2**-20)
+
+
+# ---------------------------------------------------------------------------
+# bad input: a clear error naming the argument, nothing written
+
+def _bad_cases(device):
+    f = lambda *s, dt=torch.float32: torch.randn(*s, device=device).to(dt)  # noqa: E731
+    return {
+        "different lengths": (ops.mt_axpby_, lambda: ([f(3), f(4)], [f(3)], 1.0, 1.0), ValueError, "xs has 1 tensors"),
+        "empty lists": (ops.mt_axpby_, lambda: ([], [], 1.0, 1.0), ValueError, "ys is an empty list"),
+        "shape mismatch": (ops.mt_axpby_, lambda: ([f(4, 5)], [f(5, 4)], 1.0, 1.0), ValueError, "xs[0] has shape (5, 4)"),
+        "dtype mismatch": (ops.mt_axpby_, lambda: ([f(3)], [f(3, dt=torch.bfloat16)], 1.0, 1.0), TypeError, "xs[0] has dtype torch.bfloat16"),
+        "integer tensor": (ops.mt_axpby_, lambda: ([f(3)], [torch.ones(3, dtype=torch.int64, device=device)], 1.0, 1.0), TypeError, "xs[0] has dtype torch.int64"),
+        "float64 tensor": (ops.mt_cg_step_, lambda: ([f(3)], [f(3)], [f(3)], [f(3, dt=torch.float64)], 1.0), TypeError, "hps[0] has dtype torch.float64"),
+        "expanded output": (ops.mt_axpby_, lambda: ([f(1).expand(3)], [f(3)], 1.0, 1.0), ValueError, "ys[0] has overlapping memory"),
+        "bad scalar": (ops.mt_axpby_, lambda: ([f(3)], [f(3)], torch.ones(2), 1.0), ValueError, "a must be a number"),
+        "integer scalar": (ops.mt_cg_direction_, lambda: ([f(3)], [f(3)], torch.tensor(1)), TypeError, "beta has dtype torch.int64"),
+        "minv length": (ops.mt_cg_step_, lambda: ([f(3), f(2)], [f(3), f(2)], [f(3), f(2)], [f(3), f(2)], 1.0, [f(3)]), ValueError, "minv has 1 tensors"),
+        "not a list": (ops.mt_dot, lambda: (f(3), f(3)), TypeError, "xs must be a list"),
+        "rs length": (ops.mt_cg_step_, lambda: ([f(3)], [], [f(3)], [f(3)], 1.0), ValueError, "rs has 0 tensors"),
+    }
+
+
+@pytest.mark.parametrize("b,device", backend_params("mt_axpby_"))
+@pytest.mark.parametrize("case", list(_bad_cases("cpu")))
+def test_bad_input_raises_and_writes_nothing(b, device, case):
+    fn, make_args, exc, words = _bad_cases(device)[case]
+    args = make_args()
+    before = [[t.clone() for t in a] if isinstance(a, list) else a.clone() if isinstance(a, torch.Tensor) else a
+              for a in args]
+    with pytest.raises(exc, match=words.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        run(b, fn, *args)
+    for a, old in zip(args, before):
+        if isinstance(a, list):
+            assert all(torch.equal(t, o) for t, o in zip(a, old))
+
+
+@pytest.mark.cuda
+def test_bad_input_device_mismatch():
+    xs = [torch.randn(3, device="cuda")]
+    before = xs[0].clone()
+    with pytest.raises(ValueError, match=r"xs\[0\] is on cpu"):
+        ops.mt_axpby_(xs, [torch.randn(3)], 1.0, 1.0)
+    with pytest.raises(TypeError, match="must be torch.float32"):
+        ops.mt_axpby_(xs, xs, torch.tensor(1.0, dtype=torch.float64, device="cuda"), 1.0)
+    assert torch.equal(xs[0], before)
+
+
+# ---------------------------------------------------------------------------
+# dispatcher integration
+
+def _opcheck_args(device):
+    (xs, ys, ps, hps) = make_lists(4, torch.float32, device, shapes=[(5, 3), (17,)])
+    minv = [t.abs() + 1 for t in ps]
+    one = torch.tensor(0.5)
+    return {
+        "mt_dot": (xs, ys),
+        "mt_norm_sq": (xs,),
+        "mt_axpby_": (clone(ys), xs, one, one),
+        "mt_cg_step_": (clone(xs), clone(ys), ps, hps, one, minv),
+        "mt_cg_direction_": (clone(ps), ys, one, minv),
+    }
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("op", ["mt_dot", "mt_norm_sq", "mt_axpby_", "mt_cg_step_", "mt_cg_direction_"])
+def test_opcheck(device, op):
+    pytest.importorskip("llmopt_ext._C")
+    args = _opcheck_args(device)[op]
+    torch.library.opcheck(getattr(torch.ops.llmopt_ext, op).default, args)
+
+
+def _cg_iteration(x, r, p, hp, rz):
+    php = ops.mt_dot(p, hp)
+    norms = ops.mt_cg_step_(x, r, p, hp, rz / php)
+    ops.mt_cg_direction_(p, r, norms[2] / rz)
+    return norms
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_torch_compile_fullgraph(device):
+    pytest.importorskip("llmopt_ext._C")
+    x, r, p, hp = make_lists(4, torch.float32, device, shapes=[(5, 3), (17,)])
+    rz = ops.mt_norm_sq(r)
+    eager = [clone(t) for t in (x, r, p)]
+    want = _cg_iteration(*eager, hp, rz)
+    compiled = torch.compile(_cg_iteration, fullgraph=True, backend="aot_eager")
+    got_lists = [clone(t) for t in (x, r, p)]
+    got = compiled(*got_lists, hp, rz)
+    assert torch.equal(got, want)
+    for g, w in zip(got_lists, eager):
+        assert_same(g, w)
