@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The test command (README.md; .ci/run calls exactly this):
+#   1. pytest: CPU tests, Triton kernels under TRITON_INTERPRET=1, CUDA tests (skip without a GPU);
+#      LLMOPT_REQUIRE_C=1 makes a missing compiled module an import error, so nothing passes
+#      silently on the reference path;
+#   2. ctest: C++ unit tests of the torch-free CPU kernels;
+#   3. nvcc compile check of every csrc/kernels/*.cu (sm_80, sm_90a) and a syntax check of the
+#      CUDA glue against torch's headers, when nvcc exists (no GPU needed);
+#   4. a quick run of every benchmark, so they cannot rot.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+source "$ROOT/scripts/bootstrap.sh"
+cd "$ROOT"
+start=$(date +%s)
+
+echo "== [1/4] pytest"
+LLMOPT_REQUIRE_C=1 "$PYTHON" -m pytest tests -q -ra
+
+echo "== [2/4] ctest (C++ kernel unit tests) and [3/4] nvcc compile check"
+cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build build/cmake
+ctest --test-dir build/cmake --output-on-failure
+bash scripts/check_cuda_glue.sh
+
+echo "== [4/4] benchmarks, quick sizes"
+LLMOPT_REQUIRE_C=1 "$PYTHON" -m bench.run_all --quick
+
+echo "== all tests passed in $(( $(date +%s) - start )) s"
