@@ -41,6 +41,15 @@ def _impl(op: str, params: list[torch.Tensor]) -> Callable:
     return getattr(torch.ops.llmopt_ext, op).default
 
 
+def _check_dense(op: str, **lists) -> None:
+    # The dispatcher would route a sparse tensor to a SparseCPU/SparseCUDA kernel that does
+    # not exist; say what is wrong instead.
+    for name, ts in lists.items():
+        for i, t in enumerate(ts):
+            if isinstance(t, torch.Tensor) and t.layout != torch.strided:
+                raise ValueError(f"{op}: {name}[{i}] is sparse; only dense (strided) tensors are supported")
+
+
 def _number(op: str, name: str, v) -> float:
     if isinstance(v, torch.Tensor) and v.numel() == 1 and v.device.type == "cpu":
         return float(v)
@@ -85,6 +94,7 @@ def sophia_update_(
     op = "sophia_update_"
     params, grads = as_list(op, "params", params), as_list(op, "grads", grads)
     exp_avgs, hessians = as_list(op, "exp_avgs", exp_avgs), as_list(op, "hessians", hessians)
+    _check_dense(op, params=params, grads=grads, exp_avgs=exp_avgs, hessians=hessians)
     fn = _impl(op, params)
     fn(params, grads, exp_avgs, hessians, _number(op, "lr", lr), _number(op, "beta1", beta1),
        _number(op, "rho", rho), _number(op, "weight_decay", weight_decay), _number(op, "eps", eps),
@@ -123,6 +133,8 @@ def adahessian_update_(
     exp_avgs = as_list(op, "exp_avgs", exp_avgs)
     exp_hessian_diag_sqs = as_list(op, "exp_hessian_diag_sqs", exp_hessian_diag_sqs)
     hessians = as_list(op, "hessians", hessians)
+    _check_dense(op, params=params, grads=grads, exp_avgs=exp_avgs,
+                 exp_hessian_diag_sqs=exp_hessian_diag_sqs, hessians=hessians)
     fn = _impl(op, params)
     fn(params, grads, exp_avgs, exp_hessian_diag_sqs, hessians,
        _step_tensor(op, step, params[0].device), _number(op, "lr", lr), _number(op, "beta1", beta1),
