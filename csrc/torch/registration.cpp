@@ -18,6 +18,17 @@ TORCH_LIBRARY(llmopt_ext, m) {
       "mt_cg_step_(Tensor(a!)[] xs, Tensor(b!)[] rs, Tensor[] ps, Tensor[] hps, Tensor alpha, "
       "Tensor[]? minv=None) -> Tensor");
   m.def("mt_cg_direction_(Tensor(a!)[] ps, Tensor[] rs, Tensor beta, Tensor[]? minv=None) -> ()");
+
+  // ---- fused optimizer updates (llmopt_ext/ops/optim_update.py)
+  m.def(
+      "sophia_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor[] hessians, float lr, float beta1, float rho, float weight_decay, float eps, "
+      "bool clip=False, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  m.def(
+      "adahessian_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_hessian_diag_sqs, Tensor[] hessians, Tensor step, float lr, float beta1, "
+      "float beta2, float weight_decay, float eps, float hessian_power, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
 }
 
 #ifndef LLMOPT_WITH_CUDA

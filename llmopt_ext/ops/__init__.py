@@ -6,10 +6,14 @@ pure-PyTorch reference in :mod:`llmopt_ext.ops.reference`.
 """
 from .. import _extension
 from .multi_tensor import mt_axpby_, mt_cg_direction_, mt_cg_step_, mt_dot, mt_norm_sq
+from .optim_update import adahessian_update_, sophia_update_
 
 if _extension.loaded():
     from . import _fake
 
     _fake.register()
 
-__all__ = ["mt_dot", "mt_norm_sq", "mt_axpby_", "mt_cg_step_", "mt_cg_direction_"]
+__all__ = [
+    "mt_dot", "mt_norm_sq", "mt_axpby_", "mt_cg_step_", "mt_cg_direction_",
+    "sophia_update_", "adahessian_update_",
+]

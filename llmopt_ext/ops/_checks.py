@@ -2,6 +2,7 @@
 csrc/torch/tensor_lists.cpp so an error reads the same whichever backend runs."""
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -72,3 +73,55 @@ def check_scalar(op: str, name: str, s: torch.Tensor, device: torch.device) -> N
             raise TypeError(
                 f"{op}: {name} on the device must be torch.float32 (it is read by the kernel), got {s.dtype}"
             )
+
+
+# ---- fused optimizer updates: same rules and words as csrc/torch/optim_update_args.h
+
+def check_optim_args(op: str, param_lists, state_lists) -> None:
+    """param_lists: params (+ grads), one dtype; state_lists: float32, the params' shapes."""
+    for name, tensors, _ in [*param_lists, *state_lists]:
+        for i, t in enumerate(tensors):
+            if isinstance(t, torch.Tensor) and t.layout != torch.strided:
+                raise ValueError(f"{op}: {name}[{i}] is sparse; only dense (strided) tensors are supported")
+    p_name, params, _ = param_lists[0]
+    for name, tensors, _ in state_lists:
+        if len(tensors) != len(params):
+            raise ValueError(f"{op}: {name} has {len(tensors)} tensors but {p_name} has {len(params)}")
+        for i, t in enumerate(tensors):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{op}: {name}[{i}] is a {type(t).__name__}, not a tensor")
+            if t.dtype != torch.float32:
+                raise TypeError(f"{op}: {name}[{i}] has dtype {t.dtype}; optimizer state must be torch.float32")
+            p = params[i]
+            if isinstance(p, torch.Tensor):
+                if t.shape != p.shape:
+                    raise ValueError(f"{op}: {name}[{i}] has shape {_shape(t)} but {p_name}[{i}] has shape "
+                                     f"{_shape(p)}")
+                if t.device != p.device:
+                    raise ValueError(f"{op}: {name}[{i}] is on {t.device} but {p_name}[{i}] is on {p.device}")
+    check_lists(op, list(param_lists))
+    check_lists(op, list(state_lists))
+
+
+def _check_hyper(op: str, name: str, v: float, ok: bool, want: str) -> None:
+    if not (math.isfinite(v) and ok):
+        raise ValueError(f"{op}: {name} = {v:g}; expected {want}")
+
+
+def check_sophia_hyper(lr, beta1, rho, weight_decay, eps) -> None:
+    op = "sophia_update_"
+    _check_hyper(op, "lr", lr, lr >= 0, "a finite value >= 0")
+    _check_hyper(op, "beta1", beta1, 0 <= beta1 < 1, "a value in [0, 1)")
+    _check_hyper(op, "rho", rho, rho > 0, "a finite value > 0")
+    _check_hyper(op, "weight_decay", weight_decay, weight_decay >= 0, "a finite value >= 0")
+    _check_hyper(op, "eps", eps, eps >= 0, "a finite value >= 0")
+
+
+def check_adahessian_hyper(lr, beta1, beta2, weight_decay, eps, hessian_power) -> None:
+    op = "adahessian_update_"
+    _check_hyper(op, "lr", lr, lr >= 0, "a finite value >= 0")
+    _check_hyper(op, "beta1", beta1, 0 <= beta1 < 1, "a value in [0, 1)")
+    _check_hyper(op, "beta2", beta2, 0 <= beta2 < 1, "a value in [0, 1)")
+    _check_hyper(op, "weight_decay", weight_decay, weight_decay >= 0, "a finite value >= 0")
+    _check_hyper(op, "eps", eps, eps >= 0, "a finite value >= 0")
+    _check_hyper(op, "hessian_power", hessian_power, 0 < hessian_power <= 1, "a value in (0, 1]")

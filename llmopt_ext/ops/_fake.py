@@ -27,3 +27,15 @@ def register() -> None:
     @torch.library.register_fake(lib + "mt_cg_direction_")
     def _mt_cg_direction_(ps, rs, beta, minv=None):
         return None
+
+    # ---- fused optimizer updates (in place, no outputs)
+    @torch.library.register_fake(lib + "sophia_update_")
+    def _sophia_update_(params, grads, exp_avgs, hessians, lr, beta1, rho, weight_decay, eps,
+                        clip=False, grad_scale=None, found_inf=None):
+        return None
+
+    @torch.library.register_fake(lib + "adahessian_update_")
+    def _adahessian_update_(params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, step, lr,
+                            beta1, beta2, weight_decay, eps, hessian_power, grad_scale=None,
+                            found_inf=None):
+        return None

@@ -15,7 +15,8 @@ from typing import Sequence
 
 import torch
 
-from ._checks import check_lists, check_scalar
+from ._checks import (check_adahessian_hyper, check_lists, check_optim_args, check_scalar,
+                      check_sophia_hyper)
 
 TensorList = Sequence[torch.Tensor]
 
@@ -128,3 +129,134 @@ def mt_cg_direction_(
     for i, (p, r) in enumerate(zip(ps, rs)):
         z = _f64(r) if minv is None else _f64(minv[i]) * _f64(r)
         p.copy_(round_from_f64(b * _f64(p) - z, p.dtype))
+
+
+# ---------------------------------------------------------------------------
+# fused optimizer updates (llmopt_ext/ops/optim_update.py)
+#
+# Numerical contract (csrc/cpu/optim_update_math.h): float32 math, one rounding per
+# operation in the order written here, hyperparameters rounded to float32 (derived ones,
+# such as 1 - lr * weight_decay, computed in float64 first), each parameter rounded once
+# into its dtype on store. Division by a scalar is an element-wise division (torch would
+# otherwise multiply by a rounded reciprocal).
+
+def _f32c(x: float) -> float:
+    """x rounded to float32 (as a Python float)."""
+    return float(torch.tensor(x, dtype=torch.float64).to(torch.float32))
+
+
+def _div_scalar(t: torch.Tensor, s: float | torch.Tensor) -> torch.Tensor:
+    return t / torch.full_like(t, float(s))
+
+
+def _amp(op: str, grad_scale, found_inf, device) -> tuple[bool, float]:
+    """(skip, scale): the reference reads the device scalars on the host (it may sync)."""
+    scale = 1.0
+    if grad_scale is not None:
+        check_scalar(op, "grad_scale", grad_scale, device)
+        scale = _f32c(float(grad_scale.reshape(()).to(torch.float32)))
+    if found_inf is not None:
+        check_scalar(op, "found_inf", found_inf, device)
+        if float(found_inf.reshape(())) != 0.0:
+            return True, scale
+    return False, scale
+
+
+def sophia_update_(
+    params: TensorList,
+    grads: TensorList,
+    exp_avgs: TensorList,
+    hessians: TensorList,
+    lr: float,
+    beta1: float,
+    rho: float,
+    weight_decay: float,
+    eps: float,
+    clip: bool = False,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+) -> None:
+    """One Sophia step, in place on params and exp_avgs (m), given the Hessian EMA h:
+
+        m <- beta1 m + (1 - beta1) g;  p <- p (1 - lr wd)
+        SophiaG (clip=False): p <- p - lr sign(m) min(|m| / (rho h + eps), 1)
+        SophiaH (clip=True):  p <- p - lr clamp(m / max(h, eps), -rho, rho)
+
+    (For SophiaG pass rho = rho * bs.) g = grad / grad_scale; nothing happens when
+    found_inf != 0."""
+    op = "sophia_update_"
+    check_optim_args(op, [("params", params, True), ("grads", grads, False)],
+                     [("exp_avgs", exp_avgs, True), ("hessians", hessians, False)])
+    check_sophia_hyper(lr, beta1, rho, weight_decay, eps)
+    skip, scale = _amp(op, grad_scale, found_inf, params[0].device)
+    if skip:
+        return
+    lr_f, b1, omb1 = _f32c(lr), _f32c(beta1), _f32c(1.0 - beta1)
+    rho_f, eps_f, decay = _f32c(rho), _f32c(eps), _f32c(1.0 - lr * weight_decay)
+    for p, g, m, h in zip(params, grads, exp_avgs, hessians):
+        gf = _div_scalar(g.to(torch.float32), scale)
+        m_new = m * b1 + gf * omb1
+        pf = p.to(torch.float32) * decay
+        if clip:
+            u = (m_new / h.clamp(min=eps_f)).clamp(max=rho_f).clamp(min=-rho_f)
+        else:
+            ratio = (m_new.abs() / (h * rho_f + eps_f)).clamp(max=1.0)
+            u = torch.copysign(ratio, m_new)
+        pf = pf - u * lr_f
+        m.copy_(m_new)
+        p.copy_(pf.to(p.dtype))
+
+
+def adahessian_update_(
+    params: TensorList,
+    grads: TensorList,
+    exp_avgs: TensorList,
+    exp_hessian_diag_sqs: TensorList,
+    hessians: TensorList,
+    step: torch.Tensor,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    hessian_power: float,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+) -> None:
+    """One AdaHessian step (step = the step number t >= 1, after incrementing):
+
+        m <- beta1 m + (1 - beta1) g;  v <- beta2 v + (1 - beta2) d^2
+        p <- p (1 - lr wd) - lr / (1 - beta1^t) * m / ((v / (1 - beta2^t))^(k/2) + eps)
+
+    with d the Hessian-diagonal estimate (hessians). g and d are divided by grad_scale;
+    nothing happens when found_inf != 0."""
+    op = "adahessian_update_"
+    check_optim_args(op, [("params", params, True), ("grads", grads, False)],
+                     [("exp_avgs", exp_avgs, True), ("exp_hessian_diag_sqs", exp_hessian_diag_sqs, True),
+                      ("hessians", hessians, False)])
+    check_adahessian_hyper(lr, beta1, beta2, weight_decay, eps, hessian_power)
+    check_scalar(op, "step", step, params[0].device)
+    t = float(step.reshape(()).to(torch.float32))
+    if t < 1.0:
+        raise ValueError(f"{op}: step = {t:g}; expected >= 1")
+    skip, scale = _amp(op, grad_scale, found_inf, params[0].device)
+    if skip:
+        return
+    b1, omb1, b2, omb2 = _f32c(beta1), _f32c(1.0 - beta1), _f32c(beta2), _f32c(1.0 - beta2)
+    bc2 = _f32c(1.0 - beta2**t)
+    step_size = _f32c(lr / (1.0 - beta1**t))
+    decay, eps_f, half = _f32c(1.0 - lr * weight_decay), _f32c(eps), _f32c(hessian_power / 2.0)
+    for p, g, m, v, d in zip(params, grads, exp_avgs, exp_hessian_diag_sqs, hessians):
+        gf = _div_scalar(g.to(torch.float32), scale)
+        df = _div_scalar(d, scale)
+        m_new = m * b1 + gf * omb1
+        v_new = v * b2 + (df * df) * omb2
+        q = _div_scalar(v_new, bc2)
+        # torch's CPU sqrt is not correctly rounded (658 of 1e5 floats differ by an ulp, torch
+        # 2.13); the float64 root rounded to float32 is, as are sqrtf in C and CUDA.
+        root = q.double().sqrt() if hessian_power == 1.0 else q.double().pow(half)
+        den = root.float() + eps_f
+        pf = p.to(torch.float32) * decay - (m_new / den) * step_size
+        m.copy_(m_new)
+        v.copy_(v_new)
+        p.copy_(pf.to(p.dtype))

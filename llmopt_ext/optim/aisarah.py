@@ -1,0 +1,104 @@
+"""AI-SARAH (Shi, Sadiev, Loizou, Richtárik, Takáč, "AI-SARAH: Adaptive and Implicit
+Stochastic Recursive Gradient Methods", TMLR 2023): SARAH's recursive gradient estimate
+with a step size chosen implicitly from local curvature, no learning rate to tune."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from ._common import all_reduce_mean_, check_beta, check_pos, distributed, params_with_grad
+
+
+class AISARAH(torch.optim.Optimizer):
+    """Closure API: ``closure()`` returns the loss of the CURRENT mini-batch at the current
+    parameters (no backward; it is called twice per step, at w_{t-1} and at w_t, and must use
+    the same mini-batch both times). ``full_closure`` (optional, passed to ``step``) returns
+    the full-data loss; it is used when an outer loop starts (else the mini-batch gradient).
+
+    Per inner step t (paper, Algorithm 2, practical version):
+
+    * local step: ``alpha = v'Hv / ||Hv||^2`` at w_{t-1} on the mini-batch — one Newton
+      step on ``xi(a) = ||grad f_S(w - a v) - grad f_S(w) + v||^2`` at a = 0;
+    * upper bound: ``alpha_max`` = bias-corrected harmonic moving average of the local steps
+      (beta = 0.999); ``alpha = min(alpha, alpha_max)``;
+    * ``w_t = w_{t-1} - alpha v``; ``v <- grad f_S(w_t) - grad f_S(w_{t-1}) + v``;
+    * the outer loop restarts (v = full gradient) when ``||v||^2 < gamma ||v_0||^2``
+      (gamma = 1/32) or after ``max_inner`` steps.
+
+    One parameter group; float32 parameters. DDP: gradients and HVPs are averaged across
+    ranks here (do not wrap the model in DDP).
+    """
+
+    def __init__(self, params, gamma: float = 1.0 / 32, beta: float = 0.999, *,
+                 max_inner: int = 1000, sync_grads: bool | None = None):
+        check_pos("gamma", gamma)
+        check_beta("beta", beta)
+        if max_inner < 1:
+            raise ValueError("max_inner must be >= 1")
+        super().__init__(params, dict(gamma=gamma, beta=beta, max_inner=max_inner))
+        if len(self.param_groups) != 1:
+            raise ValueError("AISARAH supports one parameter group")
+        self.sync_grads = sync_grads
+
+    def _sync(self) -> bool:
+        return bool(self.sync_grads) or (self.sync_grads is None and distributed())
+
+    def _grad(self, loss_fn: Callable, params, create_graph: bool):
+        with torch.enable_grad():
+            loss = loss_fn()
+            gs = torch.autograd.grad(loss, params, create_graph=create_graph)
+        return loss, list(gs)
+
+    @torch.no_grad()
+    def step(self, closure: Callable, full_closure: Callable | None = None):
+        if closure is None:
+            raise RuntimeError("AISARAH needs a closure returning the mini-batch loss")
+        group = self.param_groups[0]
+        params = [p for p in group["params"] if p.requires_grad]
+        for p in params:
+            if p.grad is not None and p.grad.is_sparse:
+                raise RuntimeError("AISARAH does not support sparse gradients")
+        st = self.state[params[0]]
+        if "v" not in st or st["restart"]:
+            _, v = self._grad(full_closure or closure, params, create_graph=False)
+            v = [g.detach() for g in v]
+            if self._sync():
+                all_reduce_mean_(v)
+            st["v"], st["v0_sq"], st["inner"], st["restart"] = v, sum(float(g.square().sum()) for g in v), 0, False
+        v = st["v"]
+        # gradient at w_{t-1} with its graph, and H v on the same mini-batch
+        loss, g_prev = self._grad(closure, params, create_graph=True)
+        with torch.enable_grad():
+            hv = torch.autograd.grad(g_prev, params, grad_outputs=v)
+        g_prev = [g.detach() for g in g_prev]
+        hv = list(hv)
+        if self._sync():
+            all_reduce_mean_(g_prev + hv)
+        vhv = sum(float((a * b).sum()) for a, b in zip(v, hv))
+        hv_sq = sum(float(b.square().sum()) for b in hv)
+        beta = group["beta"]
+        n = st.get("n_alpha", 0)
+        if vhv > 0 and hv_sq > 0:
+            a = vhv / hv_sq
+            inv = beta * st.get("inv_alpha_avg", 0.0) + (1.0 - beta) / a
+            n += 1
+            st["inv_alpha_avg"], st["n_alpha"] = inv, n
+            a = min(a, (1.0 - beta**n) / inv)
+        else:  # no positive curvature along v: fall back to the running bound
+            a = (1.0 - beta**n) / st["inv_alpha_avg"] if n > 0 else 1e-3
+        for p, d in zip(params, v):
+            p.sub_(a * d)
+        _, g_new = self._grad(closure, params, create_graph=False)
+        if self._sync():
+            all_reduce_mean_(g_new)
+        for d, gn, gp in zip(v, g_new, g_prev):
+            d.add_(gn).sub_(gp)
+        st["inner"] += 1
+        v_sq = sum(float(d.square().sum()) for d in v)
+        st["restart"] = v_sq < group["gamma"] * st["v0_sq"] or st["inner"] >= group["max_inner"]
+        st["alpha"] = a
+        for p, g in zip(params, g_new):
+            p.grad = g.detach()
+        return loss

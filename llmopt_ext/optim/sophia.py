@@ -1,0 +1,206 @@
+"""Sophia (Liu et al., "Sophia: A Scalable Stochastic Second-order Optimizer for Language
+Model Pre-training", 2023): SophiaG with the Gauss-Newton-Bartlett (GNB) estimator and
+SophiaH with Hutchinson's, both running the fused ``sophia_update_`` op (fp32 state and
+math, so fp16/bf16 params do not go NaN as in the reference code, Sophia issue #16)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import sophia_update_
+from ._common import (all_reduce_mean_, amp_tensors, by_device_dtype, check_beta, check_lr,
+                      check_nonneg, check_pos, distributed, hutchinson_diag, params_with_grad,
+                      probe_seed)
+
+
+def gnb_loss(logits: torch.Tensor, *, generator: torch.Generator | None = None,
+             ignore_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Loss of the Gauss-Newton-Bartlett estimator: cross-entropy of `logits` against labels
+    SAMPLED from softmax(logits) (not the data labels). Backpropagating it and squaring the
+    gradient (``SophiaG.update_hessian()``) estimates diag of the Gauss-Newton matrix times
+    the batch size B, which is why SophiaG's update uses rho * bs * h.
+
+    logits: (..., vocab); ignore_mask (optional, same leading shape): True where the token
+    does not count (padding)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    with torch.no_grad():
+        probs = torch.softmax(flat.float(), dim=-1)
+        labels = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        if ignore_mask is not None:
+            labels = labels.masked_fill(ignore_mask.reshape(-1), -100)
+    return F.cross_entropy(flat, labels, ignore_index=-100)
+
+
+class _SophiaBase(torch.optim.Optimizer):
+    _step_supports_amp_scaling = True  # GradScaler passes grad_scale / found_inf
+    _name = "Sophia"
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+            state["hessian"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+        return state
+
+    def _fused_step(self, group: dict, rho: float, clip: bool) -> None:
+        params = params_with_grad(self._name, group)
+        if not params:
+            return
+        states = [self._init_state(p) for p in params]
+        for st in states:
+            st["step"] += 1
+        beta1 = group["betas"][0]
+        for (device, _), idx in by_device_dtype(params).items():
+            gs, fi = amp_tensors(self, device)
+            sophia_update_(
+                [params[i] for i in idx], [params[i].grad for i in idx],
+                [states[i]["exp_avg"] for i in idx], [states[i]["hessian"] for i in idx],
+                lr=float(group["lr"]), beta1=beta1, rho=rho, weight_decay=group["weight_decay"],
+                eps=group["eps"], clip=clip, grad_scale=gs, found_inf=fi)
+
+
+class SophiaG(_SophiaBase):
+    """SophiaG: sign-clipped momentum preconditioned by a GNB Hessian-diagonal EMA.
+
+    Per step (official rule): ``m <- b1 m + (1 - b1) g``; ``p <- p (1 - lr wd)``;
+    ``p <- p - lr sign(m) min(|m| / (rho bs h + eps), 1)``. So no element moves by more than
+    ``lr`` per step (plus weight decay).
+
+    Every k steps (official: k = 10) refresh ``h`` with the GNB estimate::
+
+        logits = model(x)
+        loss_gnb = llmopt_ext.optim.gnb_loss(logits)    # labels sampled from the model
+        optimizer.zero_grad(); loss_gnb.backward()
+        optimizer.update_hessian()                      # h <- b2 h + (1 - b2) g*g
+
+    or ``optimizer.update_hessian_from_logits(logits)`` for the three lines.
+
+    Args (defaults from the official code): lr=1e-4, betas=(0.965, 0.99), rho=0.04,
+    weight_decay=0.1, bs: tokens per batch (the B of rho * B * h; required, overridable
+    per ``step(bs=...)``), eps=1e-15.
+    Under DDP wrap the model as usual: the GNB gradients are averaged by DDP's backward.
+    """
+
+    _name = "SophiaG"
+
+    def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
+                 rho: float = 0.04, weight_decay: float = 1e-1, *, bs: int, eps: float = 1e-15):
+        check_lr(lr)
+        check_beta("beta1", betas[0])
+        check_beta("beta2", betas[1])
+        check_pos("rho", rho)
+        check_nonneg("weight_decay", weight_decay)
+        check_nonneg("eps", eps)
+        check_pos("bs", bs)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay,
+                                      bs=bs, eps=eps))
+
+    @torch.no_grad()
+    def update_hessian(self) -> None:
+        """h <- beta2 h + (1 - beta2) g * g, with g the current .grad (of the GNB loss)."""
+        for group in self.param_groups:
+            params = params_with_grad(self._name, group)
+            if not params:
+                continue
+            hs = [self._init_state(p)["hessian"] for p in params]
+            gs = [p.grad.float() for p in params]
+            beta2 = group["betas"][1]
+            torch._foreach_mul_(hs, beta2)
+            torch._foreach_addcmul_(hs, gs, gs, value=1.0 - beta2)
+
+    def update_hessian_from_logits(self, logits: torch.Tensor, *,
+                                   generator: torch.Generator | None = None,
+                                   ignore_mask: torch.Tensor | None = None) -> None:
+        """zero_grad, backward of :func:`gnb_loss`, update_hessian, zero_grad."""
+        self.zero_grad(set_to_none=True)
+        gnb_loss(logits, generator=generator, ignore_mask=ignore_mask).backward()
+        self.update_hessian()
+        self.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None, bs: int | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            b = group["bs"] if bs is None else bs
+            check_pos("bs", b)
+            self._fused_step(group, group["rho"] * b, clip=False)
+        return loss
+
+
+class SophiaH(_SophiaBase):
+    """SophiaH: Sophia with Hutchinson's estimate of the Hessian diagonal (the variant of
+    the paper's Algorithm 1, and pytorch-optimizer's SophiaH):
+
+    every ``update_period`` steps (first step included) ``h <- b2 h + (1 - b2) z*(Hz)``,
+    then ``m <- b1 m + (1 - b1) g``; ``p <- p (1 - lr wd) - lr clamp(m / max(h, eps), -rho, rho)``.
+
+    Call ``loss.backward(create_graph=True)`` before a step that refreshes h (or pass
+    ``hessian=`` with your own estimate). Defaults: lr=6e-2, betas=(0.96, 0.99), rho=1e-2
+    (the clip), weight_decay=0, update_period=10, n_samples=1, Gaussian probes, eps=1e-12.
+
+    DDP: the probes come from a generator seeded with (seed, step), identical on every
+    rank, and the estimate is averaged across ranks. Because the Hessian-vector product
+    needs the local, graph-carrying gradient, do not wrap the model in DDP; the optimizer
+    averages the gradients itself when torch.distributed is initialised (sync_grads).
+    """
+
+    _name = "SophiaH"
+
+    def __init__(self, params, lr: float = 6e-2, betas: tuple[float, float] = (0.96, 0.99),
+                 rho: float = 1e-2, weight_decay: float = 0.0, *, update_period: int = 10,
+                 n_samples: int = 1, distribution: str = "gaussian", eps: float = 1e-12,
+                 seed: int = 0, sync_grads: bool | None = None):
+        check_lr(lr)
+        check_beta("beta1", betas[0])
+        check_beta("beta2", betas[1])
+        check_pos("rho", rho)
+        check_nonneg("weight_decay", weight_decay)
+        check_nonneg("eps", eps)
+        if update_period < 1 or n_samples < 1:
+            raise ValueError("update_period and n_samples must be >= 1")
+        if distribution not in ("gaussian", "rademacher"):
+            raise ValueError(f"Invalid distribution: {distribution!r}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay,
+                                      eps=eps))
+        self.update_period, self.n_samples, self.distribution = update_period, n_samples, distribution
+        self.seed, self.sync_grads = seed, sync_grads
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in params_with_grad(self._name, g)]
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None, hessian: list[torch.Tensor] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = self._params()
+        count = self.param_groups[0].setdefault("step_count", 0)
+        refresh = hessian is not None or count % self.update_period == 0
+        if refresh and params:
+            if hessian is None:
+                with torch.enable_grad():
+                    hessian = hutchinson_diag(params, [p.grad for p in params],
+                                              seed=probe_seed(self.seed, count, 0),
+                                              n_samples=self.n_samples, distribution=self.distribution)
+            by_param = dict(zip(map(id, params), hessian))
+            for group in self.param_groups:
+                beta2 = group["betas"][1]
+                for p in params_with_grad(self._name, group):
+                    h = self._init_state(p)["hessian"]
+                    h.lerp_(by_param[id(p)].float(), 1.0 - beta2)
+        for p in params:
+            if p.grad.requires_grad:
+                p.grad = p.grad.detach()
+        if (self.sync_grads is None and distributed()) or self.sync_grads:
+            all_reduce_mean_([p.grad for p in params])
+        for group in self.param_groups:
+            self._fused_step(group, group["rho"], clip=True)
+        self.param_groups[0]["step_count"] = count + 1
+        return loss
