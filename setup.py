@@ -82,6 +82,9 @@ def _extension():
         # Lets GCC turn the selects of the fp16/bf16 conversions into blends
         # (vectorised); nothing here reads floating-point exception flags.
         "-fno-trapping-math",
+        # sqrtf may set errno otherwise, which keeps GCC from vectorising the
+        # AdaHessian update loop; nothing here reads errno.
+        "-fno-math-errno",
         f'-DLLMOPT_TORCH_VERSION="{torch.__version__}"',
         f"-DLLMOPT_WITH_CUDA={int(with_cuda)}",
     ]

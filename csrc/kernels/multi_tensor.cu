@@ -1,12 +1,7 @@
-// Multi-tensor vector ops for Steihaug-CG: a chunked multi-tensor launcher over
-// pointer tables (the idea of apex's multi_tensor_apply and ATen's foreach
-// kernels), with a deterministic two-stage reduction. Torch-free.
-//
-// Launch shape: every tensor is cut into chunks of kChunkElems elements and
-// each chunk is one thread block. The table of tensor pointers goes in the
-// kernel parameters (CUDA >= 12.1 allows 32 KiB of parameters on sm_70 and
-// newer); a block finds its tensor by binary search over the chunk prefix
-// sums, so one launch covers up to kMaxTensors tensors of any size.
+// Multi-tensor vector ops for Steihaug-CG over the chunked launcher of
+// multi_tensor_apply.cuh (pointer tables in the kernel parameters, one block
+// per chunk of kChunkElems elements), with a deterministic two-stage
+// reduction. Torch-free.
 //
 // Numerics match the CPU kernels bit for bit on element-wise results: loads
 // are exact in double, products of two 16/32-bit floats are exact in double
@@ -18,6 +13,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "multi_tensor_apply.cuh"
 #include "multi_tensor_cuda.h"
 
 namespace llmopt_ext {
@@ -29,15 +25,6 @@ namespace {
 constexpr int kMaxTensors = 256;
 constexpr int kIlp = 4;  // loads in flight per thread before any store
 constexpr int kWarps = kBlockThreads / 32;
-
-template <int kDepth>
-struct TensorTable {
-  void* ptrs[kDepth][kMaxTensors];
-  int64_t numel[kMaxTensors];
-  int32_t chunk_begin[kMaxTensors + 1];  // prefix sums of chunks per tensor
-  int32_t count;
-  int32_t block_offset;  // global index of this launch's first block (workspace slot)
-};
 
 // ---- storage <-> double ---------------------------------------------------
 __device__ __forceinline__ double to_f64(float v) { return v; }
@@ -159,53 +146,48 @@ __device__ __forceinline__ void block_sum(double (&acc)[K], double (&total)[K]) 
   }
 }
 
+// Adapts an element-wise Op to multi_tensor_apply's chunk interface: kIlp
+// loads in flight per thread, then the stores, then (for reductions) one
+// partial per block into the workspace.
 template <class Op>
-__global__ void __launch_bounds__(kBlockThreads)
-mt_kernel(const __grid_constant__ TensorTable<Op::kDepth> tab, Op op, double* partials) {
-  op.init();
-  // Find this block's tensor: the last t with chunk_begin[t] <= blockIdx.x.
-  const int b = blockIdx.x;
-  int lo = 0, hi = tab.count - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (tab.chunk_begin[mid] <= b) lo = mid; else hi = mid - 1;
-  }
-  const int64_t begin = static_cast<int64_t>(b - tab.chunk_begin[lo]) * kChunkElems;
-  const int64_t rest = tab.numel[lo] - begin;
-  const int len = static_cast<int>(rest < kChunkElems ? rest : kChunkElems);
-  void* p[Op::kDepth];
-#pragma unroll
-  for (int d = 0; d < Op::kDepth; ++d) p[d] = tab.ptrs[d][lo];
+struct ChunkOp {
+  static constexpr int kDepth = Op::kDepth;
+  Op op;
+  double* partials;
 
-  constexpr int kAcc = Op::kOut > 0 ? Op::kOut : 1;
-  double acc[kAcc];
+  __device__ bool init() {
+    op.init();
+    return true;  // every block must write its partial
+  }
+  __device__ void chunk(void* const* p, int64_t begin, int len, int64_t block) {
+    constexpr int kAcc = Op::kOut > 0 ? Op::kOut : 1;
+    double acc[kAcc];
 #pragma unroll
-  for (int k = 0; k < kAcc; ++k) acc[k] = 0.0;
-
-  for (int base = threadIdx.x; base < len; base += kIlp * kBlockThreads) {
-    typename Op::In in[kIlp];
+    for (int k = 0; k < kAcc; ++k) acc[k] = 0.0;
+    for (int base = threadIdx.x; base < len; base += kIlp * kBlockThreads) {
+      typename Op::In in[kIlp];
 #pragma unroll
-    for (int j = 0; j < kIlp; ++j) {
-      const int i = base + j * kBlockThreads;
-      if (i < len) in[j] = op.load(p, begin + i);
+      for (int j = 0; j < kIlp; ++j) {
+        const int i = base + j * kBlockThreads;
+        if (i < len) in[j] = op.load(p, begin + i);
+      }
+#pragma unroll
+      for (int j = 0; j < kIlp; ++j) {
+        const int i = base + j * kBlockThreads;
+        if (i < len) op.apply(p, begin + i, in[j], acc);
+      }
     }
+    if constexpr (Op::kOut > 0) {
+      double total[Op::kOut];
+      block_sum<Op::kOut>(acc, total);
+      if (threadIdx.x < Op::kOut) {
 #pragma unroll
-    for (int j = 0; j < kIlp; ++j) {
-      const int i = base + j * kBlockThreads;
-      if (i < len) op.apply(p, begin + i, in[j], acc);
+        for (int k = 0; k < Op::kOut; ++k)
+          if (k == static_cast<int>(threadIdx.x)) partials[block * Op::kOut + k] = total[k];
+      }
     }
   }
-  if constexpr (Op::kOut > 0) {
-    double total[Op::kOut];
-    block_sum<Op::kOut>(acc, total);
-    if (threadIdx.x < Op::kOut) {
-#pragma unroll
-      for (int k = 0; k < Op::kOut; ++k)
-        if (k == static_cast<int>(threadIdx.x))
-          partials[(static_cast<int64_t>(tab.block_offset) + b) * Op::kOut + k] = total[k];
-    }
-  }
-}
+};
 
 // One block: sums the per-block partials in a fixed order, writes float outputs.
 template <int K>
@@ -226,37 +208,14 @@ finalize_kernel(const double* partials, int64_t nblocks, float* out) {
   }
 }
 
-int64_t chunks_of(int64_t n) { return (n + kChunkElems - 1) / kChunkElems; }
-
-// Fills pointer tables and launches mt_kernel once per kMaxTensors tensors.
-// Returns the number of blocks launched (= workspace partials written).
+// Launches Op over the lists; returns the number of blocks (= workspace
+// partials written) in *blocks.
 template <class Op>
-int64_t launch(const ListShape& s, void* const* const* lists, const Op& op, double* partials,
-               cudaStream_t stream) {
-  TensorTable<Op::kDepth> tab;
-  tab.count = 0;
-  tab.block_offset = 0;
-  tab.chunk_begin[0] = 0;
-  auto flush = [&]() {
-    if (tab.count == 0) return;
-    const int nblocks = tab.chunk_begin[tab.count];
-    mt_kernel<Op><<<nblocks, kBlockThreads, 0, stream>>>(tab, op, partials);
-    tab.block_offset += nblocks;
-    tab.count = 0;
-  };
-  for (int64_t t = 0; t < s.count; ++t) {
-    const int64_t n = s.numels[t];
-    if (n == 0) continue;
-    const int64_t c = chunks_of(n);
-    if (tab.count == kMaxTensors || tab.chunk_begin[tab.count] + c > INT32_MAX / 2) flush();
-    const int i = tab.count;
-    for (int d = 0; d < Op::kDepth; ++d) tab.ptrs[d][i] = lists[d][t];
-    tab.numel[i] = n;
-    tab.chunk_begin[i + 1] = tab.chunk_begin[i] + static_cast<int32_t>(c);
-    ++tab.count;
-  }
-  flush();
-  return tab.block_offset;
+cudaError_t launch(const ListShape& s, void* const* const* lists, const Op& op, double* partials,
+                   cudaStream_t stream, int64_t* blocks = nullptr) {
+  if (blocks != nullptr) *blocks = mta::num_blocks<kChunkElems>(s.count, s.numels);
+  return mta::multi_tensor_apply<kMaxTensors, kChunkElems, kBlockThreads>(
+      s.count, s.numels, lists, ChunkOp<Op>{op, partials}, stream);
 }
 
 template <int K>
@@ -280,8 +239,7 @@ void* const* mut(const void* const* p) { return const_cast<void* const*>(p); }
 }  // namespace
 
 int64_t reduction_workspace(const ListShape& s, int outputs) {
-  int64_t blocks = 0;
-  for (int64_t t = 0; t < s.count; ++t) blocks += chunks_of(s.numels[t]);
+  const int64_t blocks = mta::num_blocks<kChunkElems>(s.count, s.numels);
   return (blocks > 0 ? blocks : 1) * outputs;
 }
 
@@ -290,8 +248,9 @@ cudaError_t mt_dot(const ListShape& s, const void* const* xs, const void* const*
   return dispatch(s.dtype, [&](auto tag) {
     using T = decltype(tag);
     void* const* lists[] = {mut(xs), mut(ys)};
-    const int64_t nb = launch(s, lists, DotOp<T>{}, workspace, stream);
-    return finalize<1>(nb, workspace, out, stream);
+    int64_t nb;
+    const cudaError_t err = launch(s, lists, DotOp<T>{}, workspace, stream, &nb);
+    return err != cudaSuccess ? err : finalize<1>(nb, workspace, out, stream);
   });
 }
 
@@ -300,8 +259,9 @@ cudaError_t mt_norm_sq(const ListShape& s, const void* const* xs, float* out, do
   return dispatch(s.dtype, [&](auto tag) {
     using T = decltype(tag);
     void* const* lists[] = {mut(xs)};
-    const int64_t nb = launch(s, lists, NormSqOp<T>{}, workspace, stream);
-    return finalize<1>(nb, workspace, out, stream);
+    int64_t nb;
+    const cudaError_t err = launch(s, lists, NormSqOp<T>{}, workspace, stream, &nb);
+    return err != cudaSuccess ? err : finalize<1>(nb, workspace, out, stream);
   });
 }
 
@@ -313,8 +273,7 @@ cudaError_t mt_axpby(const ListShape& s, void* const* ys, const void* const* xs,
     AxpbyOp<T> op{};
     op.sa = a;
     op.sb = b;
-    launch(s, lists, op, nullptr, stream);
-    return cudaGetLastError();
+    return launch(s, lists, op, nullptr, stream);
   });
 }
 
@@ -324,18 +283,19 @@ cudaError_t mt_cg_step(const ListShape& s, void* const* xs, void* const* rs,
   return dispatch(s.dtype, [&](auto tag) {
     using T = decltype(tag);
     int64_t nb;
+    cudaError_t err;
     if (minv != nullptr) {
       void* const* lists[] = {xs, rs, mut(ps), mut(hps), mut(minv)};
       CgStepOp<T, true> op{};
       op.salpha = alpha;
-      nb = launch(s, lists, op, workspace, stream);
+      err = launch(s, lists, op, workspace, stream, &nb);
     } else {
       void* const* lists[] = {xs, rs, mut(ps), mut(hps)};
       CgStepOp<T, false> op{};
       op.salpha = alpha;
-      nb = launch(s, lists, op, workspace, stream);
+      err = launch(s, lists, op, workspace, stream, &nb);
     }
-    return finalize<3>(nb, workspace, out, stream);
+    return err != cudaSuccess ? err : finalize<3>(nb, workspace, out, stream);
   });
 }
 
@@ -347,14 +307,12 @@ cudaError_t mt_cg_direction(const ListShape& s, void* const* ps, const void* con
       void* const* lists[] = {ps, mut(rs), mut(minv)};
       CgDirectionOp<T, true> op{};
       op.sbeta = beta;
-      launch(s, lists, op, nullptr, stream);
-    } else {
-      void* const* lists[] = {ps, mut(rs)};
-      CgDirectionOp<T, false> op{};
-      op.sbeta = beta;
-      launch(s, lists, op, nullptr, stream);
+      return launch(s, lists, op, nullptr, stream);
     }
-    return cudaGetLastError();
+    void* const* lists[] = {ps, mut(rs)};
+    CgDirectionOp<T, false> op{};
+    op.sbeta = beta;
+    return launch(s, lists, op, nullptr, stream);
   });
 }
 

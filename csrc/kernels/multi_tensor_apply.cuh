@@ -13,7 +13,9 @@
 // An Op provides:
 //   static constexpr int kDepth;                      // number of lists
 //   __device__ bool init();                           // false: block does nothing
-//   __device__ void chunk(void* const* p, int64_t begin, int len);
+//   __device__ void chunk(void* const* p, int64_t begin, int len, int64_t block);
+// `block` is the global index of the block over all launches of one
+// multi_tensor_apply call: reductions write one partial per block there.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -30,6 +32,7 @@ struct TensorTable {
   int64_t numel[kMaxTensors];
   int32_t chunk_begin[kMaxTensors + 1];  // prefix sums of chunks per tensor
   int32_t count;
+  int64_t block_offset;  // global index of this launch's first block
 };
 
 template <class Op, int kMaxTensors, int64_t kChunk, int kThreads>
@@ -48,7 +51,15 @@ apply_kernel(const __grid_constant__ TensorTable<Op::kDepth, kMaxTensors> tab, O
   void* p[Op::kDepth];
 #pragma unroll
   for (int d = 0; d < Op::kDepth; ++d) p[d] = tab.ptrs[d][lo];
-  op.chunk(p, begin, len);
+  op.chunk(p, begin, len, tab.block_offset + b);
+}
+
+// Number of blocks (chunks) multi_tensor_apply launches for these tensors.
+template <int64_t kChunk>
+int64_t num_blocks(int64_t count, const int64_t* numels) {
+  int64_t blocks = 0;
+  for (int64_t t = 0; t < count; ++t) blocks += (numels[t] + kChunk - 1) / kChunk;
+  return blocks;
 }
 
 // Fills the tables and launches apply_kernel once per kMaxTensors tensors
@@ -58,6 +69,7 @@ cudaError_t multi_tensor_apply(int64_t count, const int64_t* numels, void* const
                                const Op& op, cudaStream_t stream) {
   TensorTable<Op::kDepth, kMaxTensors> tab;
   tab.count = 0;
+  tab.block_offset = 0;
   tab.chunk_begin[0] = 0;
   cudaError_t err = cudaSuccess;
   auto flush = [&]() {
@@ -65,6 +77,7 @@ cudaError_t multi_tensor_apply(int64_t count, const int64_t* numels, void* const
     apply_kernel<Op, kMaxTensors, kChunk, kThreads>
         <<<tab.chunk_begin[tab.count], kThreads, 0, stream>>>(tab, op);
     if (err == cudaSuccess) err = cudaGetLastError();
+    tab.block_offset += tab.chunk_begin[tab.count];
     tab.count = 0;
   };
   for (int64_t t = 0; t < count; ++t) {

@@ -46,7 +46,7 @@ struct SophiaOp {  // p = {params (w), grads, exp_avgs (w), hessians}
   AmpScalars amp;
   float scale;
   __device__ bool init() { return amp_init(amp, scale); }
-  __device__ void chunk(void* const* p, int64_t begin, int len) const {
+  __device__ void chunk(void* const* p, int64_t begin, int len, int64_t) const {
     T* prm = static_cast<T*>(p[0]) + begin;
     const T* grd = static_cast<const T*>(p[1]) + begin;
     float* m = static_cast<float*>(p[2]) + begin;
@@ -122,7 +122,7 @@ struct AdaHessianOp {  // p = {params (w), grads, exp_avgs (w), exp_hessian_diag
       }
     }
   }
-  __device__ void chunk(void* const* p, int64_t begin, int len) const {
+  __device__ void chunk(void* const* p, int64_t begin, int len, int64_t) const {
     if (c.sqrt_power) run<true>(p, begin, len);
     else run<false>(p, begin, len);
   }
