@@ -18,6 +18,15 @@ TORCH_LIBRARY(llmopt_ext, m) {
       "mt_cg_step_(Tensor(a!)[] xs, Tensor(b!)[] rs, Tensor[] ps, Tensor[] hps, Tensor alpha, "
       "Tensor[]? minv=None) -> Tensor");
   m.def("mt_cg_direction_(Tensor(a!)[] ps, Tensor[] rs, Tensor beta, Tensor[]? minv=None) -> ()");
+  // ---- LoRA merge / unmerge (llmopt_ext/ops/lora.py): W +/- s * B A in place,
+  // accumulated in float32 and rounded once into W's dtype. lora_linear is a
+  // Python custom op (Triton kernels + composed ATen calls), not defined here.
+  m.def(
+      "lora_merge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, Tensor scaling, "
+      "bool fan_in_fan_out=False) -> ()");
+  m.def(
+      "lora_unmerge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, Tensor scaling, "
+      "bool fan_in_fan_out=False) -> ()");
 }
 
 #ifndef LLMOPT_WITH_CUDA

@@ -5,6 +5,7 @@ and calls ``torch.ops.llmopt_ext.<op>`` (CUDA or CPU C++), a Triton kernel, or t
 pure-PyTorch reference in :mod:`llmopt_ext.ops.reference`.
 """
 from .. import _extension
+from .lora import lora_linear, lora_merge_, lora_unmerge_
 from .multi_tensor import mt_axpby_, mt_cg_direction_, mt_cg_step_, mt_dot, mt_norm_sq
 
 if _extension.loaded():
@@ -12,4 +13,7 @@ if _extension.loaded():
 
     _fake.register()
 
-__all__ = ["mt_dot", "mt_norm_sq", "mt_axpby_", "mt_cg_step_", "mt_cg_direction_"]
+__all__ = [
+    "mt_dot", "mt_norm_sq", "mt_axpby_", "mt_cg_step_", "mt_cg_direction_",
+    "lora_linear", "lora_merge_", "lora_unmerge_",
+]
