@@ -29,6 +29,16 @@ TORCH_LIBRARY(llmopt_ext, m) {
       "Tensor(c!)[] exp_hessian_diag_sqs, Tensor[] hessians, Tensor step, float lr, float beta1, "
       "float beta2, float weight_decay, float eps, float hessian_power, Tensor? grad_scale=None, "
       "Tensor? found_inf=None) -> ()");
+
+  // ---- LoRA merge / unmerge (llmopt_ext/ops/lora.py): W +/- s * B A in place,
+  // accumulated in float32 and rounded once into W's dtype. lora_linear is a
+  // Python custom op (Triton kernels + composed ATen calls), not defined here.
+  m.def(
+      "lora_merge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, Tensor scaling, "
+      "bool fan_in_fan_out=False) -> ()");
+  m.def(
+      "lora_unmerge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, Tensor scaling, "
+      "bool fan_in_fan_out=False) -> ()");
 }
 
 #ifndef LLMOPT_WITH_CUDA

@@ -5,6 +5,7 @@ and calls ``torch.ops.llmopt_ext.<op>`` (CUDA or CPU C++), a Triton kernel, or t
 pure-PyTorch reference in :mod:`llmopt_ext.ops.reference`.
 """
 from .. import _extension
+from .lora import lora_linear, lora_merge_, lora_unmerge_
 from .multi_tensor import mt_axpby_, mt_cg_direction_, mt_cg_step_, mt_dot, mt_norm_sq
 from .optim_update import adahessian_update_, sophia_update_
 
@@ -16,4 +17,5 @@ if _extension.loaded():
 __all__ = [
     "mt_dot", "mt_norm_sq", "mt_axpby_", "mt_cg_step_", "mt_cg_direction_",
     "sophia_update_", "adahessian_update_",
+    "lora_linear", "lora_merge_", "lora_unmerge_",
 ]

@@ -39,3 +39,12 @@ def register() -> None:
                             beta1, beta2, weight_decay, eps, hessian_power, grad_scale=None,
                             found_inf=None):
         return None
+
+    # ---- LoRA merge / unmerge (llmopt_ext/ops/lora.py): in place, no outputs
+    @torch.library.register_fake(lib + "lora_merge_")
+    def _lora_merge_(weight, lora_A, lora_B, scaling, fan_in_fan_out=False):
+        return None
+
+    @torch.library.register_fake(lib + "lora_unmerge_")
+    def _lora_unmerge_(weight, lora_A, lora_B, scaling, fan_in_fan_out=False):
+        return None

@@ -260,3 +260,73 @@ def adahessian_update_(
         m.copy_(m_new)
         v.copy_(v_new)
         p.copy_(pf.to(p.dtype))
+
+
+# ---------------------------------------------------------------------------
+# LoRA (llmopt_ext/ops/lora.py)
+
+def _lora_scaling64(scaling) -> torch.Tensor | float:
+    if isinstance(scaling, torch.Tensor):
+        return scaling.reshape(()).to(torch.float64)
+    return float(scaling)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    fan_in_fan_out: bool = False,
+) -> torch.Tensor:
+    """y = x W^T + bias + scaling * (dropout(x) A^T) B^T, in float64, rounded once into x's
+    dtype. W is (out, in), or (in, out) with fan_in_fan_out. Differentiable (autograd through
+    the float64 math); dropout draws from torch's default generator."""
+    from ._lora_checks import check_linear  # noqa: PLC0415
+
+    check_linear("lora_linear", x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out)
+    x64 = x.to(torch.float64)
+    w64 = weight.to(torch.float64)
+    w64 = w64 if fan_in_fan_out else w64.t()  # (in, out)
+    y = x64 @ w64
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    xd = torch.nn.functional.dropout(x64, dropout_p, training) if dropout_p > 0 else x64
+    low = (xd @ lora_A.to(torch.float64).t()) @ lora_B.to(torch.float64).t()
+    y = y + _lora_scaling64(scaling) * low
+    return y.to(x.dtype)
+
+
+def _lora_delta_f32(weight, lora_A, lora_B, scaling, fan_in_fan_out) -> torch.Tensor:
+    """D = float32(s * acc), acc = sum_j P[:, j] Q[j, :] in float32 in j order (no FMA):
+    the contract of csrc/cpu/lora.h. P = B, Q = A (or A^T, B^T for fan_in_fan_out)."""
+    P = (lora_A.t() if fan_in_fan_out else lora_B).to(torch.float32)
+    Q = (lora_B.t() if fan_in_fan_out else lora_A).to(torch.float32)
+    acc = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    for j in range(P.shape[1]):
+        acc = acc + P[:, j : j + 1] * Q[j : j + 1, :]  # two roundings, like mul then add
+    s = scaling.reshape(()).to(torch.float32) if isinstance(scaling, torch.Tensor) else torch.tensor(
+        float(scaling), dtype=torch.float32)
+    return s.to(weight.device) * acc
+
+
+def lora_merge_(weight, lora_A, lora_B, scaling, fan_in_fan_out: bool = False) -> None:
+    """weight += s * B A (or its transpose for fan_in_fan_out), accumulated in float32 and
+    rounded once into weight's dtype."""
+    from ._lora_checks import check_merge  # noqa: PLC0415
+
+    check_merge("lora_merge_", weight, lora_A, lora_B, scaling, fan_in_fan_out)
+    d = _lora_delta_f32(weight, lora_A, lora_B, scaling, fan_in_fan_out)
+    weight.copy_(round_from_f64(_f64(weight) + _f64(d), weight.dtype))
+
+
+def lora_unmerge_(weight, lora_A, lora_B, scaling, fan_in_fan_out: bool = False) -> None:
+    """weight -= s * B A with the same float32 delta as lora_merge_, rounded once."""
+    from ._lora_checks import check_merge  # noqa: PLC0415
+
+    check_merge("lora_unmerge_", weight, lora_A, lora_B, scaling, fan_in_fan_out)
+    d = _lora_delta_f32(weight, lora_A, lora_B, scaling, fan_in_fan_out)
+    weight.copy_(round_from_f64(_f64(weight) - _f64(d), weight.dtype))

@@ -1,0 +1,177 @@
+"""Fused LoRA Linear vs the frozen base Linear alone and peft's lora.Linear, and LoRA merge
+bandwidth.
+
+Linear: forward, backward (fwd+bwd minus fwd), fwd+bwd, and the bytes autograd saves for
+backward (counted with saved_tensors_hooks, parameters excluded; plus peak CUDA memory on
+a GPU). Shapes are Llama-3-8B projections (4096->4096, 4096->1024, 4096->14336,
+14336->4096), bf16 activations with fp32 adapters (peft's default autocast_adapter_dtype)
+and bf16 adapters. On GPU: 2048 and 8192 tokens, r in {8, 16, 64}. On CPU the full run uses
+256 tokens and r = 16 (about 3 minutes on 2 cores); --quick uses small shapes.
+
+Merge: lora_merge_ GB/s (W read + written) against the measured copy bandwidth, and
+against peft's merge (delta = B A materialised, rounded, then added) in the same run.
+
+    python -m bench.bench_lora [--quick] [--device cuda]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora import layer as peft_layer
+
+from llmopt_ext import backend, ops
+from llmopt_ext import nn as lnn
+from llmopt_ext.ops import reference
+
+from .harness import Results, copy_bandwidth, measure
+
+LLAMA8B = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]
+
+
+def _layers(in_f, out_f, r, dtype, adt, device):
+    base = torch.nn.Linear(in_f, out_f, bias=False, device=device, dtype=dtype)
+    base.weight.requires_grad_(False)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, init_lora_weights=False)
+    plain = peft_layer.Linear(base, "default", config=cfg, r=r, lora_alpha=2 * r)
+    plain.lora_A["default"].to(adt)
+    plain.lora_B["default"].to(adt)
+    fused = copy.deepcopy(plain)
+    lnn.fuse_lora(fused)
+    return base, plain, fused
+
+
+def _saved_bytes(fn, module) -> int:
+    """Bytes autograd keeps for backward (distinct storages; storages of the module's
+    parameters, e.g. the transposed weight view F.linear saves, excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        if t.untyped_storage().data_ptr() not in params:
+            key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            if key not in seen:
+                seen.add(key)
+                total += key[1]
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def _linear_rows(res, device, shapes, tokens_list, ranks, quick):
+    lin_backend = "triton" if device.type == "cuda" else "cpu"
+    reps = dict(max_reps=5 if quick else 10, min_reps=3, min_time_s=0.1)
+    for adt_name in ("fp32", "bf16"):
+        adt = torch.float32 if adt_name == "fp32" else torch.bfloat16
+        for in_f, out_f in shapes:
+            for tokens in tokens_list:
+                for r in ranks:
+                    torch.manual_seed(0)
+                    base, plain, fused = _layers(in_f, out_f, r, torch.bfloat16, adt, device)
+                    x = torch.randn(tokens, in_f, device=device, dtype=torch.bfloat16, requires_grad=True)
+                    gy = torch.randn(tokens, out_f, device=device, dtype=torch.bfloat16)
+                    impls = {"base": base, "peft": plain, "fused": fused}
+                    row = dict(shape=f"{in_f}->{out_f}", tokens=tokens, r=r, adapters=adt_name)
+                    for name, mod in impls.items():
+                        with backend.use(lin_backend if name == "fused" else None):
+                            def fwd(mod=mod):
+                                return mod(x)
+
+                            def fwd_bwd(mod=mod):
+                                mod(x).backward(gy)
+
+                            t_f = measure(fwd, device, **reps)["ms"]
+                            t_fb = measure(fwd_bwd, device, **reps)["ms"]
+                            row[f"{name}_fwd_ms"] = t_f
+                            row[f"{name}_bwd_ms"] = max(t_fb - t_f, 0.0)
+                            row[f"{name}_fwdbwd_ms"] = t_fb
+                            row[f"{name}_saved_MB"] = _saved_bytes(fwd, mod) / 2**20
+                            if device.type == "cuda":
+                                torch.cuda.reset_peak_memory_stats(device)
+                                fwd_bwd()
+                                row[f"{name}_peak_MB"] = torch.cuda.max_memory_allocated(device) / 2**20
+                        x.grad = None
+                    if quick and in_f * out_f <= 1 << 20:  # float64 reference: the spec, small shapes only
+                        a, b = fused.lora_A["default"].weight, fused.lora_B["default"].weight
+                        s = fused.scaling["default"]
+
+                        def ref_fb():
+                            reference.lora_linear(x, base.weight, None, a, b, s).backward(gy)
+
+                        row["reference_fwdbwd_ms"] = measure(ref_fb, device, **reps)["ms"]
+                        row["fused_vs_reference"] = row["reference_fwdbwd_ms"] / row["fused_fwdbwd_ms"]
+                    row["fused_vs_base_fwdbwd"] = row["fused_fwdbwd_ms"] / row["base_fwdbwd_ms"]
+                    row["peft_vs_base_fwdbwd"] = row["peft_fwdbwd_ms"] / row["base_fwdbwd_ms"]
+                    row["speedup_vs_peft_fwdbwd"] = row["peft_fwdbwd_ms"] / row["fused_fwdbwd_ms"]
+                    row["speedup_vs_peft_fwd"] = row["peft_fwd_ms"] / row["fused_fwd_ms"]
+                    res.add(**row)
+
+
+def _merge_rows(res, device, shapes, ranks, quick):
+    bw = copy_bandwidth(device)
+    res.notes.append(f"measured copy bandwidth: {bw:.1f} GB/s (read + write)")
+    merge_backend = "cuda" if device.type == "cuda" else "cpu"
+    for in_f, out_f in shapes:
+        for r in ranks:
+            for wdt in (torch.bfloat16, torch.float32):
+                g = torch.Generator().manual_seed(0)
+                w = torch.randn(out_f, in_f, generator=g).to(wdt).to(device)
+                a = (torch.randn(r, in_f, generator=g) * 0.01).to(device)
+                b = (torch.randn(out_f, r, generator=g) * 0.01).to(device)
+                reps = dict(max_reps=5 if quick else 10, min_reps=3, min_time_s=0.1)
+
+                def ours():
+                    with backend.use(merge_backend):
+                        ops.lora_merge_(w, a, b, 1e-3)
+
+                def peft_merge():  # peft's Linear.merge: materialise B A * s, round, add
+                    w.data += ((b @ a) * 1e-3).to(wdt)
+
+                t = measure(ours, device, **reps)["ms"]
+                t_peft = measure(peft_merge, device, **reps)["ms"]
+                nbytes = 2 * w.numel() * w.element_size()
+                gbs = nbytes / (t * 1e-3) / 1e9
+                res.add(shape=f"{in_f}->{out_f}", r=r, weight=str(wdt).replace("torch.", ""), merge_ms=t,
+                        GBps=gbs, pct_copy_bw=100 * gbs / bw, peft_merge_ms=t_peft, speedup_vs_peft=t_peft / t)
+
+
+def run(device: torch.device, quick: bool = False) -> list[Results]:
+    lin = Results("lora_linear", device, title="Fused LoRA Linear (bf16 activations)")
+    lin.notes.append("times in ms (median); bwd = fwd+bwd - fwd; saved_MB = bytes autograd keeps for "
+                     "backward (parameters excluded); ratios from the same run")
+    lin.notes.append("fused backend: " + ("triton" if device.type == "cuda" else "cpu (composed ATen calls)"))
+    if device.type == "cuda":
+        shapes, tokens, ranks = LLAMA8B, [2048, 8192], [8, 16, 64]
+        if quick:
+            shapes, tokens, ranks = LLAMA8B[:2], [2048], [16]
+    elif quick:
+        shapes, tokens, ranks = [(1024, 1024), (1024, 256)], [128], [16]
+    else:
+        shapes, tokens, ranks = LLAMA8B, [256], [16]
+        lin.notes.append("CPU full run: Llama-8B shapes at 256 tokens (not 2048/8192) and r = 16 only, "
+                         "to keep it near 3 minutes on 2 cores")
+    _linear_rows(lin, device, shapes, tokens, ranks, quick)
+    merge = Results("lora_merge", device, title="LoRA merge (W += s B A in place)")
+    merge.notes.append("GB/s counts W read + written; peft = delta materialised then added")
+    m_shapes = [(1024, 1024)] if quick else LLAMA8B
+    _merge_rows(merge, device, m_shapes, [16] if quick else [16, 64], quick)
+    return [lin, merge]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes (CI smoke run)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    for r in run(torch.device(args.device), args.quick):
+        print(r.markdown())
+        print("written:", r.write())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""peft integration of the fused LoRA Linear.
+
+* :class:`LoraLinear` subclasses ``peft.tuners.lora.layer.Linear``: peft's state, adapter
+  switching, ``merge``/``unmerge``/``safe_merge``, saving and loading are peft's own; only
+  ``forward`` (and the merge arithmetic) change. A configuration the fused path does not
+  cover — DoRA and the other variants, ``lora_bias``, several active adapters, a mixed
+  ``adapter_names`` batch, merged or disabled adapters, an x dtype other than the weight's —
+  runs peft's exact forward. Every fallback is counted (:func:`fallback_counts`) and the
+  first of each reason is reported with a warning; it is never silent.
+* :func:`use_fused_lora` registers the fused layer through peft's custom-module dispatch
+  (``LoraConfig._register_custom_module``, peft 0.21). Its factory only takes plain
+  ``nn.Linear`` / transformers ``Conv1D`` targets (exact type): bitsandbytes' 4/8-bit
+  Linear subclass ``nn.Linear`` and still go to peft's own dispatchers.
+* :func:`fuse_lora` swaps the LoRA Linear layers of an already built PeftModel in place.
+
+Adapters are saved with peft's keys and config, so they load into plain peft and back.
+The custom-module mapping is not saved in ``adapter_config.json``: to load into fused
+layers pass ``config=use_fused_lora(LoraConfig.from_pretrained(path))`` to
+``PeftModel.from_pretrained``, or call :func:`fuse_lora` after loading.
+"""
+from __future__ import annotations
+
+import collections
+import warnings
+from typing import Any, Optional
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora import layer as peft_layer
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from ..ops import lora as lora_ops
+
+try:  # GPT-2 style (in, out) weights: fan_in_fan_out
+    from transformers.pytorch_utils import Conv1D
+except Exception:  # noqa: BLE001 - transformers is optional
+    Conv1D = None
+
+_FALLBACKS: collections.Counter = collections.Counter()
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def fallback_counts() -> dict[str, int]:
+    """Reason -> how many forward calls of fused layers ran peft's forward instead."""
+    return dict(_FALLBACKS)
+
+
+def reset_fallback_counts() -> None:
+    _FALLBACKS.clear()
+
+
+@torch.compiler.disable
+def _record_fallback(reason: str) -> None:
+    first = reason not in _FALLBACKS
+    _FALLBACKS[reason] += 1
+    if first:
+        warnings.warn(
+            f"llmopt_ext.nn.LoraLinear: running peft's unfused forward ({reason}); later "
+            "fallbacks for this reason are counted in llmopt_ext.nn.fallback_counts()",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _dropout_p(module: nn.Module) -> Optional[float]:
+    if isinstance(module, nn.Identity):
+        return 0.0
+    if type(module) is nn.Dropout:
+        return float(module.p)
+    return None
+
+
+class LoraLinear(peft_layer.Linear):
+    """peft's LoRA Linear whose forward runs :func:`llmopt_ext.ops.lora_linear`."""
+
+    def _fused_adapter(self, x: torch.Tensor, args, kwargs) -> tuple[Optional[str], str]:
+        """(adapter name, "") when the fused path applies, else (None, reason)."""
+        if self.disable_adapters:
+            return None, "adapters disabled"
+        if kwargs.get("adapter_names") is not None:
+            return None, "mixed adapter_names batch"
+        if self.merged:
+            return None, "merged adapters"
+        if args or any(v is not None for v in kwargs.values()):
+            return None, "extra forward arguments"
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if len(active) != 1:
+            return None, f"{len(active)} active adapters"
+        name = active[0]
+        if name in self.lora_variant:
+            return None, f"LoRA variant {type(self.lora_variant[name]).__name__}"
+        if self.lora_bias.get(name, False):
+            return None, "lora_bias"
+        base = self.get_base_layer()
+        weight = getattr(base, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dtype not in _FUSED_DTYPES or weight.dim() != 2:
+            return None, "base weight not a float32/bfloat16/float16 matrix"
+        if x.dtype != weight.dtype:
+            return None, f"x dtype {x.dtype} != weight dtype {weight.dtype}"
+        adt = self.lora_A[name].weight.dtype
+        if adt not in (torch.float32, x.dtype) or self.lora_B[name].weight.dtype != adt:
+            return None, f"adapter dtype {adt} (expected float32 or x's dtype)"
+        if _dropout_p(self.lora_dropout[name]) is None:
+            return None, f"dropout module {type(self.lora_dropout[name]).__name__}"
+        return name, ""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        name, reason = self._fused_adapter(x, args, kwargs)
+        if name is None:
+            _record_fallback(reason)
+            return super().forward(x, *args, **kwargs)
+        base = self.get_base_layer()
+        return lora_ops.lora_linear(
+            x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+            self.scaling[name], _dropout_p(self.lora_dropout[name]), self.training, self.fan_in_fan_out,
+        )
+
+    # ---- merge / unmerge with one rounding (peft rounds the delta, then the sum: peft#1388)
+
+    def _plain_merge_ok(self, name: str) -> bool:
+        w = self.get_base_layer().weight
+        return (name not in self.lora_variant and not self.lora_bias.get(name, False)
+                and isinstance(w, torch.Tensor) and w.dtype in _FUSED_DTYPES
+                and self.lora_A[name].weight.dtype in _FUSED_DTYPES
+                and self.lora_A[name].weight.device == w.device)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        for name in check_adapters_to_merge(self, adapter_names):
+            if name not in self.lora_A:
+                continue
+            if not self._plain_merge_ok(name):
+                super().merge(safe_merge=safe_merge, adapter_names=[name])
+                continue
+            w = self.get_base_layer().weight
+            A, B, s = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+            with torch.no_grad():
+                if safe_merge:
+                    merged = w.detach().clone()
+                    lora_ops.lora_merge_(merged, A, B, s, self.fan_in_fan_out)
+                    if not torch.isfinite(merged).all():
+                        raise ValueError(
+                            f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+                    w.data = merged
+                else:
+                    lora_ops.lora_merge_(w.data, A, B, s, self.fan_in_fan_out)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters[-1]
+            if name in self.lora_A and self._plain_merge_ok(name):
+                self.merged_adapters.pop()
+                with torch.no_grad():
+                    lora_ops.lora_unmerge_(self.get_base_layer().weight.data, self.lora_A[name].weight,
+                                           self.lora_B[name].weight, self.scaling[name], self.fan_in_fan_out)
+            else:  # peft's own unmerge for this one adapter
+                rest = self.merged_adapters[:-1]
+                self.merged_adapters[:] = [name]
+                super().unmerge()
+                self.merged_adapters[:] = rest
+
+    def __repr__(self) -> str:
+        return "llmopt_ext." + super().__repr__()
+
+
+def _is_plain(base: nn.Module) -> tuple[bool, bool]:
+    """(takes it, is Conv1D): exact nn.Linear or transformers Conv1D only."""
+    if type(base) is nn.Linear:
+        return True, False
+    if Conv1D is not None and type(base) is Conv1D:
+        return True, True
+    return False, False
+
+
+def _factory(target: nn.Module, adapter_name: str, config: LoraConfig, **kwargs):
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    ok, conv1d = _is_plain(base)
+    if not ok:
+        return None  # e.g. bitsandbytes Linear4bit: peft's own dispatchers take it
+    # the same fan_in_fan_out correction as peft's dispatch_default
+    if conv1d and not config.fan_in_fan_out:
+        warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. "
+                      "Setting fan_in_fan_out to True.")
+        config.fan_in_fan_out = True
+    if not conv1d and config.fan_in_fan_out:
+        warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
+                      "Setting fan_in_fan_out to False.")
+        config.fan_in_fan_out = False
+    if conv1d:
+        kwargs["is_target_conv_1d_layer"] = True
+    return LoraLinear(target, adapter_name, config=config, **kwargs)
+
+
+def use_fused_lora(config: LoraConfig) -> LoraConfig:
+    """Registers the fused layer for ``nn.Linear`` (and ``Conv1D``) targets in ``config``
+    (peft's custom-module dispatch, which runs before peft's own). Returns ``config``."""
+    mapping = {nn.Linear: _factory}
+    if Conv1D is not None:
+        mapping[Conv1D] = _factory
+    config._register_custom_module(mapping)
+    return config
+
+
+def fuse_lora(model: nn.Module) -> int:
+    """Turns every peft ``lora.Linear`` (exact type) over a plain ``nn.Linear``/``Conv1D`` in
+    ``model`` into :class:`LoraLinear`, in place (same parameters, buffers and state).
+    Returns how many layers were swapped."""
+    n = 0
+    for module in model.modules():
+        if type(module) is peft_layer.Linear and _is_plain(module.get_base_layer())[0]:
+            module.__class__ = LoraLinear
+            n += 1
+    return n
