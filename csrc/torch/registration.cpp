@@ -18,6 +18,10 @@ TORCH_LIBRARY(llmopt_ext, m) {
       "mt_cg_step_(Tensor(a!)[] xs, Tensor(b!)[] rs, Tensor[] ps, Tensor[] hps, Tensor alpha, "
       "Tensor[]? minv=None) -> Tensor");
   m.def("mt_cg_direction_(Tensor(a!)[] ps, Tensor[] rs, Tensor beta, Tensor[]? minv=None) -> ()");
+
+  // ---- random Stiefel matrices / orthonormalisation (llmopt_ext/ops/stiefel.py)
+  m.def("philox_normal_(Tensor(a!) out, int seed, int offset) -> ()");
+  m.def("orthonormalize(Tensor X) -> Tensor");
 }
 
 #ifndef LLMOPT_WITH_CUDA

@@ -6,10 +6,12 @@ pure-PyTorch reference in :mod:`llmopt_ext.ops.reference`.
 """
 from .. import _extension
 from .multi_tensor import mt_axpby_, mt_cg_direction_, mt_cg_step_, mt_dot, mt_norm_sq
+from .stiefel import orthonormalize, philox_normal_, random_stiefel
 
 if _extension.loaded():
     from . import _fake
 
     _fake.register()
 
-__all__ = ["mt_dot", "mt_norm_sq", "mt_axpby_", "mt_cg_step_", "mt_cg_direction_"]
+__all__ = ["mt_dot", "mt_norm_sq", "mt_axpby_", "mt_cg_step_", "mt_cg_direction_",
+           "philox_normal_", "orthonormalize", "random_stiefel"]

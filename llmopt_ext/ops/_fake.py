@@ -27,3 +27,12 @@ def register() -> None:
     @torch.library.register_fake(lib + "mt_cg_direction_")
     def _mt_cg_direction_(ps, rs, beta, minv=None):
         return None
+
+    # ---- random Stiefel matrices (llmopt_ext/ops/stiefel.py)
+    @torch.library.register_fake(lib + "philox_normal_")
+    def _philox_normal_(out, seed, offset):
+        return None
+
+    @torch.library.register_fake(lib + "orthonormalize")
+    def _orthonormalize(x):
+        return x.new_empty(x.shape)
