@@ -1,0 +1,4 @@
+"""Optimizers of llmopt_ext."""
+from .subspace import GoLoreAdamW, SubspaceProjector
+
+__all__ = ["SubspaceProjector", "GoLoreAdamW"]
