@@ -370,3 +370,95 @@ def test_ddp_two_processes():
         opt.step()
     for a, b in zip(model.parameters(), r0["params"]):
         assert torch.allclose(a.detach(), b, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# ReLoRA-style refresh of a peft LoRA model
+
+def tiny_lora_model(seed=0):
+    pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from peft import LoraConfig, get_peft_model  # noqa: PLC0415
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(cfg)
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            lora_dropout=0.0))
+
+
+def lm_loss(model, ids):
+    return model(input_ids=ids, labels=ids).loss
+
+
+def lora_pairs(model):
+    from peft.tuners.lora import LoraLayer  # noqa: PLC0415
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+@pytest.mark.parametrize("mode", ["random", "svd"])
+def test_relora_refresh(mode):
+    from llmopt_ext.optim import lora_full_grads, relora_refresh  # noqa: PLC0415
+
+    model = tiny_lora_model()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        lm_loss(model, ids).backward()
+        opt.step()
+    layers = lora_pairs(model)
+    old = {n: (m.lora_A["default"].weight.detach().clone(), m.lora_B["default"].weight.detach().clone(),
+               {k: opt.state[m.lora_B["default"].weight][k].clone() for k in ("exp_avg", "exp_avg_sq")})
+           for n, m in layers}
+    full = None
+    if mode == "svd":
+        full = lora_full_grads(model, lambda: lm_loss(model, ids).backward())
+        opt.zero_grad()
+        assert set(full) == {n for n, _ in layers}
+        assert all(not m.get_base_layer().weight.requires_grad for _, m in layers)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    n = relora_refresh(model, opt, mode=mode, full_grads=full, seed=3)
+    assert n == len(layers) == 2
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert torch.allclose(before, after, atol=1e-5)  # merged: the function is unchanged
+    for name, m in layers:
+        a, b = m.lora_A["default"].weight, m.lora_B["default"].weight
+        assert torch.count_nonzero(b) == 0
+        assert torch.allclose(a @ a.mT, torch.eye(a.shape[0]), atol=1e-5)  # orthonormal rows
+        if mode == "svd":
+            vh = torch.linalg.svd(full[name])[2][: a.shape[0]]
+            assert torch.allclose((vh @ a.mT).abs(), torch.eye(a.shape[0]), atol=1e-4)
+        a_old, _, st_old = old[name]
+        st = opt.state[b]
+        # first moment: the old full-space moment projected on the new row space
+        m_full = st_old["exp_avg"] @ torch.linalg.solve(a_old @ a_old.mT, a_old)
+        want = m_full @ a.mT
+        assert torch.allclose(st["exp_avg"], want, atol=1e-6), (st["exp_avg"] - want).abs().max()
+        assert torch.all(st["exp_avg_sq"] >= 0)
+        assert torch.count_nonzero(opt.state[a]["exp_avg"]) == 0  # A's state reset
+    # training continues from the merged weights
+    losses = []
+    for _ in range(4):
+        opt.zero_grad()
+        loss = lm_loss(model, ids)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0]
+
+
+def test_relora_refresh_bad_input():
+    from llmopt_ext.optim import relora_refresh  # noqa: PLC0415
+
+    model = tiny_lora_model()
+    with pytest.raises(ValueError, match="full_grads"):
+        relora_refresh(model, mode="svd")
+    with pytest.raises(ValueError, match="mode"):
+        relora_refresh(model, mode="qr")
+    with pytest.raises(KeyError, match="no gradient"):
+        relora_refresh(model, mode="svd", full_grads={})
