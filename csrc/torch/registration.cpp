@@ -39,6 +39,10 @@ TORCH_LIBRARY(llmopt_ext, m) {
   m.def(
       "lora_unmerge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, Tensor scaling, "
       "bool fan_in_fan_out=False) -> ()");
+
+  // ---- random Stiefel matrices / orthonormalisation (llmopt_ext/ops/stiefel.py)
+  m.def("philox_normal_(Tensor(a!) out, int seed, int offset) -> ()");
+  m.def("orthonormalize(Tensor X) -> Tensor");
 }
 
 #ifndef LLMOPT_WITH_CUDA

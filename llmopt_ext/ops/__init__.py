@@ -8,6 +8,7 @@ from .. import _extension
 from .lora import lora_linear, lora_merge_, lora_unmerge_
 from .multi_tensor import mt_axpby_, mt_cg_direction_, mt_cg_step_, mt_dot, mt_norm_sq
 from .optim_update import adahessian_update_, sophia_update_
+from .stiefel import orthonormalize, philox_normal_, random_stiefel
 
 if _extension.loaded():
     from . import _fake
@@ -18,4 +19,5 @@ __all__ = [
     "mt_dot", "mt_norm_sq", "mt_axpby_", "mt_cg_step_", "mt_cg_direction_",
     "sophia_update_", "adahessian_update_",
     "lora_linear", "lora_merge_", "lora_unmerge_",
+    "philox_normal_", "orthonormalize", "random_stiefel",
 ]

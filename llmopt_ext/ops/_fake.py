@@ -48,3 +48,12 @@ def register() -> None:
     @torch.library.register_fake(lib + "lora_unmerge_")
     def _lora_unmerge_(weight, lora_A, lora_B, scaling, fan_in_fan_out=False):
         return None
+
+    # ---- random Stiefel matrices (llmopt_ext/ops/stiefel.py)
+    @torch.library.register_fake(lib + "philox_normal_")
+    def _philox_normal_(out, seed, offset):
+        return None
+
+    @torch.library.register_fake(lib + "orthonormalize")
+    def _orthonormalize(x):
+        return x.new_empty(x.shape)
