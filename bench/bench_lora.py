@@ -15,7 +15,6 @@ against peft's merge (delta = B A materialised, rounded, then added) in the same
 """
 from __future__ import annotations
 
-import argparse
 import copy
 
 import torch
@@ -26,6 +25,7 @@ from llmopt_ext import backend, ops
 from llmopt_ext import nn as lnn
 from llmopt_ext.ops import reference
 
+from . import harness
 from .harness import Results, copy_bandwidth, measure
 
 LLAMA8B = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]
@@ -163,15 +163,5 @@ def run(device: torch.device, quick: bool = False) -> list[Results]:
     return [lin, merge]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small sizes (CI smoke run)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
-    for r in run(torch.device(args.device), args.quick):
-        print(r.markdown())
-        print("written:", r.write())
-
-
 if __name__ == "__main__":
-    main()
+    harness.main(run, __doc__)

@@ -8,13 +8,13 @@ bf16. Memory-bound: GB/s from explicit byte counts, against the measured copy ba
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 
 from llmopt_ext import backend, ops
 from llmopt_ext.ops import reference
 
+from . import harness
 from .harness import Results, copy_bandwidth, measure
 
 A, B = 0.5, 0.5  # keeps repeated in-place updates bounded
@@ -186,15 +186,5 @@ def run(device: torch.device, quick: bool = False) -> list[Results]:
     return [res]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small sizes (CI smoke run)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
-    for r in run(torch.device(args.device), args.quick):
-        print(r.markdown())
-        print("written:", r.write())
-
-
 if __name__ == "__main__":
-    main()
+    harness.main(run, __doc__)

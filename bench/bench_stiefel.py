@@ -11,7 +11,6 @@ triangular solve, m r^2 each).
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import importlib.util
 import sys
@@ -23,6 +22,7 @@ from llmopt_ext import backend, ops
 from llmopt_ext.ops import reference
 from llmopt_ext.optim import GoLoreAdamW
 
+from . import harness
 from .harness import Results, measure
 
 
@@ -127,15 +127,5 @@ def run(device: torch.device, quick: bool = False) -> list[Results]:
     return [res]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small sizes (CI smoke run)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
-    for r in run(torch.device(args.device), args.quick):
-        print(r.markdown())
-        print("written:", r.write())
-
-
 if __name__ == "__main__":
-    main()
+    harness.main(run, __doc__)

@@ -150,3 +150,16 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
     return str(v)
+
+
+def main(run: Callable[[torch.device, bool], list[Results]], doc: str | None) -> None:
+    """Command line of one bench module: ``python -m bench.bench_x [--quick] [--device D]``."""
+    import argparse  # noqa: PLC0415
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small sizes (CI smoke run)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    for r in run(torch.device(args.device), args.quick):
+        print(r.markdown())
+        print("written:", r.write())

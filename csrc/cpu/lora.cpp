@@ -4,13 +4,7 @@
 #include <algorithm>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-// Same clones as multi_tensor.cpp: AVX2 (+F16C for the fp16 loads) and baseline.
-#define LLMOPT_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define LLMOPT_CLONES
-#endif
-#define LLMOPT_INLINE inline __attribute__((always_inline))
+#include "target_clones.h"
 
 namespace llmopt_ext {
 namespace cpu {
@@ -43,17 +37,17 @@ LLMOPT_INLINE void apply(T* __restrict w, const float* __restrict acc, int64_t n
   }
 }
 
-LLMOPT_CLONES void accumulate_c(float* acc, const float* p, const float* q, int64_t ld, int64_t r,
+LLMOPT_CLONES_AVX2 void accumulate_c(float* acc, const float* p, const float* q, int64_t ld, int64_t r,
                                 int64_t n) {
   accumulate(acc, p, q, ld, r, n);
 }
-LLMOPT_CLONES void apply_f32(float* w, const float* acc, int64_t n, float s, double sign) {
+LLMOPT_CLONES_AVX2 void apply_f32(float* w, const float* acc, int64_t n, float s, double sign) {
   apply(w, acc, n, s, sign);
 }
-LLMOPT_CLONES void apply_bf16(bf16* w, const float* acc, int64_t n, float s, double sign) {
+LLMOPT_CLONES_AVX2 void apply_bf16(bf16* w, const float* acc, int64_t n, float s, double sign) {
   apply(w, acc, n, s, sign);
 }
-LLMOPT_CLONES void apply_f16(fp16* w, const float* acc, int64_t n, float s, double sign) {
+LLMOPT_CLONES_AVX2 void apply_f16(fp16* w, const float* acc, int64_t n, float s, double sign) {
   apply(w, acc, n, s, sign);
 }
 

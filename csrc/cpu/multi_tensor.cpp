@@ -7,19 +7,11 @@
 #include <omp.h>
 #endif
 
-// The inner loops are compiled twice (AVX2+FMA+F16C and baseline x86-64) and
-// picked at load time by the dynamic loader, so a source build runs vectorised
-// without -march=native. The arithmetic is the same in every clone (exact
-// products, fixed lane order), so the bits are too. No AVX-512 clone: GCC 12
-// at -march=x86-64-v4 dropped the float rounding between mt_cg_step's store and
-// its norm (caught by csrc/tests/test_multi_tensor_cpu.cpp), and these loops
-// are memory-bound, so AVX2 loses nothing measurable.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LLMOPT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define LLMOPT_CLONES
-#endif
-#define LLMOPT_INLINE inline __attribute__((always_inline))
+#include "target_clones.h"
+
+// GCC 12 at -march=x86-64-v4 once dropped the float rounding between
+// mt_cg_step's store and its norm when both were in one loop (caught by
+// csrc/tests/test_multi_tensor_cpu.cpp); cg_step is now two passes.
 
 namespace llmopt_ext {
 namespace cpu {

@@ -12,34 +12,26 @@
 #include <omp.h>
 #endif
 
-// Same dispatch scheme as multi_tensor.cpp: an AVX2 (x86-64-v3) clone picked at
-// load time, so a source build vectorises without -march=native. No AVX-512
-// clone: these loops are memory-bound.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LLMOPT_OPT_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define LLMOPT_OPT_CLONES
-#endif
-#define LLMOPT_OPT_INLINE inline __attribute__((always_inline))
+#include "target_clones.h"  // AVX2 clone only: these loops are memory-bound
 
 namespace llmopt_ext {
 namespace cpu {
 namespace {
 
 // storage <-> float32 (float32 math; one rounding on store)
-LLMOPT_OPT_INLINE float to_f32(float v) { return v; }
-LLMOPT_OPT_INLINE float to_f32(bf16 v) {
+LLMOPT_INLINE float to_f32(float v) { return v; }
+LLMOPT_INLINE float to_f32(bf16 v) {
   return detail::f32_from_bits(static_cast<uint32_t>(v.bits) << 16);
 }
-LLMOPT_OPT_INLINE float to_f32(fp16 v) { return detail::f16_to_f32(v.bits); }
+LLMOPT_INLINE float to_f32(fp16 v) { return detail::f16_to_f32(v.bits); }
 
-template <class T> LLMOPT_OPT_INLINE T from_f32(float f);
-template <> LLMOPT_OPT_INLINE float from_f32<float>(float f) { return f; }
-template <> LLMOPT_OPT_INLINE bf16 from_f32<bf16>(float f) { return bf16{detail::f32_to_bf16_rne(f)}; }
-template <> LLMOPT_OPT_INLINE fp16 from_f32<fp16>(float f) { return fp16{detail::f32_to_f16_rne(f)}; }
+template <class T> LLMOPT_INLINE T from_f32(float f);
+template <> LLMOPT_INLINE float from_f32<float>(float f) { return f; }
+template <> LLMOPT_INLINE bf16 from_f32<bf16>(float f) { return bf16{detail::f32_to_bf16_rne(f)}; }
+template <> LLMOPT_INLINE fp16 from_f32<fp16>(float f) { return fp16{detail::f32_to_f16_rne(f)}; }
 
 template <class T>
-LLMOPT_OPT_INLINE void sophia_range(T* __restrict p, const T* __restrict g, float* __restrict m,
+LLMOPT_INLINE void sophia_range(T* __restrict p, const T* __restrict g, float* __restrict m,
                                     const float* __restrict h, int64_t n,
                                     const optim::SophiaCoefs& c, float scale) {
   // The branch on c.clip is loop-invariant: GCC unswitches it (both arms vectorise).
@@ -52,7 +44,7 @@ LLMOPT_OPT_INLINE void sophia_range(T* __restrict p, const T* __restrict g, floa
 }
 
 template <class T, bool kSqrt>
-LLMOPT_OPT_INLINE void adahessian_range(T* __restrict p, const T* __restrict g,
+LLMOPT_INLINE void adahessian_range(T* __restrict p, const T* __restrict g,
                                         float* __restrict m, float* __restrict v,
                                         const float* __restrict d, int64_t n,
                                         const optim::AdaHessianCoefs& c, float scale) {
@@ -67,11 +59,11 @@ LLMOPT_OPT_INLINE void adahessian_range(T* __restrict p, const T* __restrict g,
 
 // target_clones does not apply to templates: one cloned entry point per dtype.
 #define LLMOPT_OPTIM_KERNELS(T, S)                                                          \
-  LLMOPT_OPT_CLONES void sophia_##S(T* p, const T* g, float* m, const float* h, int64_t n,  \
+  LLMOPT_CLONES_AVX2 void sophia_##S(T* p, const T* g, float* m, const float* h, int64_t n,  \
                                     const optim::SophiaCoefs& c, float scale) {             \
     sophia_range(p, g, m, h, n, c, scale);                                                  \
   }                                                                                         \
-  LLMOPT_OPT_CLONES void adahessian_##S(T* p, const T* g, float* m, float* v, const float* d, \
+  LLMOPT_CLONES_AVX2 void adahessian_##S(T* p, const T* g, float* m, float* v, const float* d, \
                                         int64_t n, const optim::AdaHessianCoefs& c,         \
                                         float scale) {                                      \
     if (c.sqrt_power) adahessian_range<T, true>(p, g, m, v, d, n, c, scale);                \

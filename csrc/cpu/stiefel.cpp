@@ -10,15 +10,7 @@
 #include <omp.h>
 #endif
 
-// As in multi_tensor.cpp: the hot loops are cloned for AVX-512/AVX2 and
-// baseline x86-64 and picked at load time, so a source build without
-// -march=native still vectorises. Every clone does the same operations in the
-// same order (elementwise loops, explicit lane accumulators), so the bits agree.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LLMOPT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define LLMOPT_CLONES
-#endif
+#include "target_clones.h"
 
 namespace llmopt_ext {
 namespace cpu {

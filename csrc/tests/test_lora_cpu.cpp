@@ -4,6 +4,7 @@
 // factors (fan_in_fan_out), odd sizes and more than one column tile; and
 // merge followed by unmerge stays within half an ulp of the merged value
 // plus half an ulp of W.
+#include "check.h"
 #include <cmath>
 #include <cstring>
 #include <cstdio>
@@ -16,17 +17,6 @@
 
 using namespace llmopt_ext;
 
-static int g_failures = 0;
-#define CHECK(cond, ...)                                        \
-  do {                                                          \
-    if (!(cond)) {                                              \
-      ++g_failures;                                             \
-      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-      std::fprintf(stderr, __VA_ARGS__);                        \
-      std::fprintf(stderr, "\n");                               \
-      if (g_failures > 20) std::exit(1);                        \
-    }                                                           \
-  } while (0)
 
 template <class T>
 static void run_case(DType dt, int64_t rows, int64_t cols, int64_t r, bool transposed, unsigned seed) {
@@ -87,10 +77,5 @@ int main() {
       run_case<bf16>(DType::BFloat16, sh[0], sh[1], sh[2], t, seed++);
       run_case<fp16>(DType::Float16, sh[0], sh[1], sh[2], t, seed++);
     }
-  if (g_failures) {
-    std::fprintf(stderr, "%d failures\n", g_failures);
-    return 1;
-  }
-  std::printf("test_lora_cpu: all passed\n");
-  return 0;
+  return llmopt_test::finish("test_lora_cpu");
 }

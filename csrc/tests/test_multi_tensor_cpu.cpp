@@ -3,6 +3,7 @@
 // Rounding helpers are checked exhaustively (fp16/bf16 round trips) and on the
 // double-rounding traps round-to-odd exists for; the multi-tensor ops are
 // checked against long-double loops written independently of the kernels.
+#include "check.h"
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -18,17 +19,6 @@
 
 using namespace llmopt_ext;
 
-static int g_failures = 0;
-#define CHECK(cond, ...)                                   \
-  do {                                                     \
-    if (!(cond)) {                                         \
-      ++g_failures;                                        \
-      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-      std::fprintf(stderr, __VA_ARGS__);                   \
-      std::fprintf(stderr, "\n");                          \
-      if (g_failures > 20) std::exit(1);                   \
-    }                                                      \
-  } while (0)
 
 // ---- independent oracles -------------------------------------------------
 
@@ -258,10 +248,5 @@ int main() {
   test_ops<fp16>(shapes, 3);
   std::vector<int64_t> many(300, 17);  // many tiny tensors
   test_ops<float>(many, 4);
-  if (g_failures) {
-    std::fprintf(stderr, "%d failure(s)\n", g_failures);
-    return 1;
-  }
-  std::printf("test_multi_tensor_cpu: all passed\n");
-  return 0;
+  return llmopt_test::finish("test_multi_tensor_cpu");
 }

@@ -1,6 +1,7 @@
 // Unit tests of the CPU fused optimizer updates (run by ctest): against
 // long-double loops written from the update rules, for every dtype, with
 // lists crossing the chunk size, a grad scale, and thread-count independence.
+#include "check.h"
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -15,17 +16,6 @@
 
 using namespace llmopt_ext;
 
-static int g_failures = 0;
-#define CHECK(cond, ...)                                        \
-  do {                                                          \
-    if (!(cond)) {                                              \
-      ++g_failures;                                             \
-      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-      std::fprintf(stderr, __VA_ARGS__);                        \
-      std::fprintf(stderr, "\n");                               \
-      if (g_failures > 20) std::exit(1);                        \
-    }                                                           \
-  } while (0)
 
 template <class T> T from_double(double d) { return store<T>(d); }
 template <class T> double to_double(T v) { return load(v); }
@@ -117,10 +107,5 @@ int main() {
         test_dtype<fp16>(DType::Float16, clip, ada);
       }
   }
-  if (g_failures) {
-    std::fprintf(stderr, "%d failures\n", g_failures);
-    return 1;
-  }
-  std::printf("test_optim_update_cpu: OK\n");
-  return 0;
+  return llmopt_test::finish("test_optim_update_cpu");
 }

@@ -1,6 +1,7 @@
 // Unit tests of the torch-free Stiefel kernels (run by ctest): Philox known
 // answers, Gaussian moments, CholeskyQR2 orthonormality / factorisation, the
 // ill-conditioned and non-finite statuses, and thread-count independence.
+#include "check.h"
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -16,16 +17,6 @@
 
 using namespace llmopt_ext;
 
-static int g_failures = 0;
-#define CHECK(cond, ...)                                        \
-  do {                                                          \
-    if (!(cond)) {                                              \
-      ++g_failures;                                             \
-      std::fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
-      std::fprintf(stderr, __VA_ARGS__);                        \
-      std::fprintf(stderr, "\n");                               \
-    }                                                           \
-  } while (0)
 
 static void test_philox_kat() {
   // Random123 known-answer vectors for Philox-4x32-10.
@@ -142,10 +133,5 @@ int main() {
   test_cholesky_qr2();
   test_statuses();
   test_thread_independence();
-  if (g_failures) {
-    std::fprintf(stderr, "%d failure(s)\n", g_failures);
-    return 1;
-  }
-  std::printf("test_stiefel_cpu: all passed\n");
-  return 0;
+  return llmopt_test::finish("test_stiefel_cpu");
 }
