@@ -280,7 +280,8 @@ class TRCG(torch.optim.Optimizer):
             tol_sq = self.cg_tol(math.sqrt(rr)) ** 2
             s_m_p, p_m_p = 0.0, rz
             for it in range(group["max_cg_iters"]):
-                hp = hvp(p)
+                with math_sdpa(self.sdpa_math):  # forward-over-reverse re-runs the closure
+                    hp = hvp(p)
                 hp = [h if h.dtype == torch.float32 else h.float() for h in hp]
                 hp = self._mean_over_ranks(hp)
                 stats["hvps"] += 1
