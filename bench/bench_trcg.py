@@ -249,13 +249,13 @@ def run(device: torch.device, quick: bool = False) -> list[Results]:
     out.append(res)
 
     # 2) full steps on a tiny Llama + LoRA
-    layers, hidden, seq, batch = (4, 64, 32, 4) if quick else (16, 128, 64, 8)
+    layers, hidden, seq, batch = (4, 64, 32, 4) if quick else (16, 64, 32, 4)
     model = tiny_llama_lora(layers, hidden, device)
     params = [p for p in model.parameters() if p.requires_grad]
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 256, (batch, seq), generator=gen).to(device)
 
-    l2 = 1.0
+    l2 = 10.0
     timers_now: list = [None]  # the Timers of the current breakdown run, if any
 
     def closure():
@@ -292,7 +292,7 @@ def run(device: torch.device, quick: bool = False) -> list[Results]:
         b.step(closure)
         return b
 
-    reps = 3 if quick else 10
+    reps = 3 if quick else 5
     t_trcg = measure(trcg_step, device, min_reps=reps, max_reps=reps)["ms"]
     t_base = measure(base_step, device, min_reps=reps, max_reps=reps)["ms"]
     # breakdown runs (timers synchronise around every call: slower, for attribution only)
