@@ -397,6 +397,9 @@ def _ddp_worker(rank, world, port, out):
                              not torch.equal(flat, torch.cat([p.reshape(-1) for p in mlp().parameters()])))
         if rank == 0:
             torch.save(results, out)
+        # every collective done on both ranks before teardown: tearing gloo down while the
+        # peer is still in a collective aborts with "terminate called without an active exception"
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -343,6 +343,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
         train(ddp, opt, data)
         torch.save({"params": [p.detach() for p in model.parameters()], "seed": opt.seed},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # all collectives done on both ranks before teardown
     finally:
         dist.destroy_process_group()
 
