@@ -47,14 +47,17 @@ if [ -n "$missing" ]; then
   echo "[bootstrap] installing test dependencies: $missing"
   # one by one, so one unavailable package does not block the others
   for pkg in $missing; do
-    pip_install -c "$constraints" "$pkg" || echo "[bootstrap] could not install $pkg (its tests will skip)"
+    # no retries: on a machine without network (the GPU machine) each try would otherwise
+    # back off for a minute
+    pip_install --retries 0 --timeout 15 -c "$constraints" "$pkg" \
+      || echo "[bootstrap] could not install $pkg (its tests will skip)"
   done
   rm -f "$constraints"
 fi
 # galore-torch (the GaLore projector oracle) without its bitsandbytes dependency: the tests
 # load only its projector module.
 if ! "$PYTHON" -c "import importlib.util as u, sys; sys.exit(u.find_spec('galore_torch') is None)"; then
-  pip_install --no-deps galore-torch==1.0 || echo "[bootstrap] could not install galore-torch (its tests will skip)"
+  pip_install --retries 0 --timeout 15 --no-deps galore-torch==1.0 || echo "[bootstrap] could not install galore-torch (its tests will skip)"
 fi
 if ! command -v cmake >/dev/null 2>&1; then
   echo "[bootstrap] installing cmake from PyPI"
