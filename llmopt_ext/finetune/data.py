@@ -77,11 +77,17 @@ def generate_dataset(n: int, seed: int, tasks: Sequence[str] = TASKS) -> list[di
     return [make_example(rng, rng.choice(tasks)) for _ in range(n)]
 
 
-def pretrain_line(ex: dict) -> str:
-    """The terse plain-text form of an example used to pretrain the base model."""
+def pretrain_line(ex: dict, form: int = 0) -> str:
+    """A plain-text form of an example used to pretrain the base model. Form 0 is terse
+    (``add 37 45 = 82``), form 1 spreads over lines (``add:\n37 45\n\nresult:\n82``) so the
+    skills do not depend on one fixed distance between input and answer: with form 0 alone,
+    LoRA (r=8, 600 AdamW steps) learned sort but stayed at 0 exact match on copy and reverse,
+    which the base model does at 93-100% in the terse form."""
     task = ex["task"]
     if task == "text":
         return ex["output"]
+    if form == 1:
+        return f"{task}:\n{ex['input']}\n\nresult:\n{ex['output']}"
     return f"{task} {ex['input']} = {ex['output']}"
 
 

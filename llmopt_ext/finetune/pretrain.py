@@ -63,7 +63,8 @@ def build_model(vocab_size: int, hidden: int = 128, layers: int = 4, heads: int 
 def packed_batches(tokenizer, n_lines: int, seq_len: int, batch_size: int, seed: int):
     """All pretraining rows: lines of the plain-text corpus joined by newlines and cut into
     rows of ``seq_len`` tokens, each row starting with <s>."""
-    lines = [pretrain_line(ex) for ex in generate_dataset(n_lines, seed=seed)]
+    rng = random.Random(seed)
+    lines = [pretrain_line(ex, form=rng.randrange(2)) for ex in generate_dataset(n_lines, seed=seed)]
     ids: list[int] = []
     for line in lines:
         ids += tokenizer(line + "\n", add_special_tokens=False)["input_ids"]
