@@ -20,6 +20,16 @@ TINY = ["--train-size", "64", "--eval-size", "8", "--em-samples", "4", "--max-ne
         "--batch-size", "4", "--threads", "1", "--no-progress"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: these models are tiny, and two OpenMP threads on a shared 2-core
+    machine spin-wait against other processes (37 ms -> 2 s a training step measured)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     from transformers import AutoTokenizer
@@ -257,3 +267,40 @@ def test_torchrun_gloo_two_ranks(tmp_path, opt):
     assert r["train"]["max_rank_param_diff"] == 0.0
     assert sorted(os.listdir(out)) == sorted(["adapter", "results.json"] + (
         ["loss_curve.png"] if (out / "loss_curve.png").exists() else []))
+
+
+# --------------------------------------------------------------------------- Trainer integration
+
+@pytest.mark.parametrize("opt", OPTIMIZERS)
+def test_llmopt_trainer_every_optimizer(tmp_path, tokenizer, opt):
+    """LlmoptTrainer runs 3 steps with each optimizer and moves the LoRA weights."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, TrainingArguments
+    from llmopt_ext.finetune.hf import LlmoptTrainer
+    from llmopt_ext.finetune.pretrain import BASE_DIR
+    from llmopt_ext.finetune.train import make_optimizer
+    from llmopt_ext.finetune.cli import build_parser
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(BASE_DIR, attn_implementation="eager")
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                             task_type="CAUSAL_LM"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    args = build_parser().parse_args(["--optimizer", opt, "--lora-r", "4", "--cg-iters", "3"])
+    optimizer = make_optimizer(opt, params, args, total_steps=3)
+    exs = D.encode_dataset(tokenizer, D.generate_dataset(24, seed=2), "compact", 128)
+    pad = D.pad_id(tokenizer)
+
+    def collator(batch):
+        b = D.collate(batch, pad)
+        return {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "labels": b.labels}
+
+    targs = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+                              report_to=[], use_cpu=True, logging_steps=1, save_strategy="no",
+                              remove_unused_columns=False, disable_tqdm=True)
+    trainer = LlmoptTrainer(model=model, args=targs, train_dataset=exs, data_collator=collator,
+                            optimizers=(optimizer, None), sophiag_hessian_every=2)
+    out = trainer.train()
+    assert out.global_step == 3 and torch.isfinite(torch.tensor(out.training_loss))
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(before, params))
