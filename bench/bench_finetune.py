@@ -36,7 +36,7 @@ def _finetune(device: torch.device, out: str, argv: list[str]) -> dict:
 
 
 def run(device: torch.device, quick: bool = False) -> list[Results]:
-    steps = 10 if quick else 600
+    steps = 10 if quick else 300
     size = ["--train-size", "400" if quick else "4000", "--eval-size", "16" if quick else "200",
             "--em-samples", "16" if quick else "200", "--max-new-tokens", "12",
             "--batch-size", "8" if quick else "16", "--max-steps", str(steps)]

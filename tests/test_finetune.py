@@ -236,9 +236,9 @@ def test_cli_with_data_file_and_precisions(tmp_path):
         assert torch.isfinite(torch.tensor(r["after"]["eval_loss"]))
 
 
-@pytest.mark.parametrize("opt", ["adamw", "trcg"])
+@pytest.mark.parametrize("opt", ["adamw", "trcg", "sophiag"])
 def test_resume_gives_the_same_adapter(tmp_path, opt):
-    extra = ["--optimizer", opt, "--max-steps", "4", "--no-eval"] + (
+    extra = ["--optimizer", opt, "--max-steps", "4", "--no-eval", "--hessian-every", "1"] + (
         ["--cg-iters", "3"] if opt == "trcg" else [])
     assert _run(tmp_path, *extra, name="straight")[0] == 0
     assert _run(tmp_path, *extra, "--save-every", "2", name="first")[0] == 0

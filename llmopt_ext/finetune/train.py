@@ -353,19 +353,19 @@ def trainable(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(path, model, opt, scaler, stream, step, history) -> None:
+def save_checkpoint(path, model, opt, scaler, stream, step, history, extra=None) -> None:
     os.makedirs(path, exist_ok=True)
     tmp = os.path.join(path, "state.pt.tmp")
     torch.save({"step": step, "params": {n: p.detach().cpu() for n, p in trainable(model).items()},
                 "optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                "stream": stream.state_dict(), "history": history,
+                "stream": stream.state_dict(), "history": history, "extra": extra or {},
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
                tmp)
     os.replace(tmp, os.path.join(path, "state.pt"))  # never a half-written checkpoint
 
 
-def load_checkpoint(path, model, opt, scaler, stream) -> tuple[int, list]:
+def load_checkpoint(path, model, opt, scaler, stream) -> tuple[int, list, dict]:
     f = os.path.join(path, "state.pt")
     if not os.path.exists(f):
         raise UsageError(f"--resume {path}: no checkpoint (state.pt) there")
@@ -386,7 +386,7 @@ def load_checkpoint(path, model, opt, scaler, stream) -> tuple[int, list]:
     random.setstate(ck["rng"]["python"])
     if ck["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
-    return ck["step"], ck["history"]
+    return ck["step"], ck["history"], ck.get("extra", {})
 
 
 # ------------------------------------------------------------------------------- outputs
@@ -495,8 +495,10 @@ def run(args) -> dict:
 
     start, history = 0, []
     if args.resume:
-        start, history = load_checkpoint(args.resume, model, opt, scaler, stream)
+        start, history, extra = load_checkpoint(args.resume, model, opt, scaler, stream)
         stepper.step_idx = start
+        if "gnb_gen" in extra:  # SophiaG's GNB label sampler
+            stepper.gnb_gen.set_state(extra["gnb_gen"])
         log(f"resumed from {args.resume} at step {start}", d.rank)
 
     if args.optimizer in ("trcg", "aisarah"):
@@ -520,7 +522,7 @@ def run(args) -> dict:
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.max_steps \
                 and d.rank == 0:
             save_checkpoint(os.path.join(args.output_dir, "checkpoint"), model, opt, scaler,
-                            stream, step + 1, history)
+                            stream, step + 1, history, {"gnb_gen": stepper.gnb_gen.get_state()})
     bar.close()
     train_time = time.perf_counter() - t0
     done_steps = args.max_steps - start
