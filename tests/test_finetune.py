@@ -1,5 +1,6 @@
 """llmopt_ext.finetune: embedded data, Alpaca loading with prompt masking, bad input, the CLI end
 to end with every optimizer on the embedded model, resume, DDP under torchrun (gloo)."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -8,8 +9,10 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("peft")
-pytest.importorskip("transformers")
+# find_spec, not importorskip: importing peft at collection imports triton, whose interpreter
+# switch (TRITON_INTERPRET, set by test_lora.py when it is collected) must be read after that
+if importlib.util.find_spec("peft") is None or importlib.util.find_spec("transformers") is None:
+    pytest.skip("peft and transformers are needed", allow_module_level=True)
 
 from llmopt_ext.finetune import data as D  # noqa: E402
 from llmopt_ext.finetune.cli import main  # noqa: E402
