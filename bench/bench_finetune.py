@@ -64,7 +64,13 @@ def run(device: torch.device, quick: bool = False) -> list[Results]:
         runs = [("adamw", ["--lr", str(lr)]) for lr in ADAMW_SWEEP] + [(o, []) for o in OTHERS]
         base = None
         for opt, extra in runs:
-            r = _finetune(device, os.path.join(tmp, f"{opt}{extra}"), [*size, "--optimizer", opt, *extra])
+            try:
+                r = _finetune(device, os.path.join(tmp, f"{opt}{extra}"), [*size, "--optimizer", opt, *extra])
+            except RuntimeError as e:  # an optimizer that breaks down is a result, not a crash
+                res.add(optimizer=opt, lr="default", eval_loss=float("nan"), exact_match=float("nan"),
+                        steps_per_s="", seconds="")
+                res.notes.append(f"{opt}: {e}")
+                continue
             if base is None:
                 base = r["before"]
                 res.add(optimizer="(base model)", lr="", eval_loss=base["eval_loss"],

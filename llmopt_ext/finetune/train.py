@@ -511,7 +511,10 @@ def run(args) -> dict:
     t0, tokens = time.perf_counter(), 0
     for step in range(start, args.max_steps):
         batches = [stream.next().to(device) for _ in range(args.grad_accum)]
-        loss = stepper(batches)
+        try:
+            loss = stepper(batches)
+        except Exception as e:  # name the step: optimizer failures are otherwise context-free
+            raise RuntimeError(f"{args.optimizer} step {step + 1} failed: {type(e).__name__}: {e}") from e
         if not math.isfinite(loss):
             log(f"warning: non-finite loss {loss} at step {step}", d.rank)
         tokens += sum(b.n_tokens for b in batches) * d.world_size
