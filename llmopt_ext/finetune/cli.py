@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optimizer", default="adamw", help=f"one of {', '.join(OPTIMIZERS)}")
     g.add_argument("--lr", type=float, default=None, help="learning rate (default per optimizer; "
                    "trcg and aisarah have none)")
+    g.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
+                   help="3%% linear warmup then cosine decay (adamw, golore, sophiag/h, adahessian)")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping for adamw/golore (0: off)")
     g.add_argument("--hessian-every", type=int, default=10,
