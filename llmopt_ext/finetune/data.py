@@ -1,0 +1,269 @@
+"""Data for :mod:`llmopt_ext.finetune`: the embedded instruction task, Alpaca-style file loading,
+prompt templates, tokenisation with the prompt masked out of the loss, and batching.
+
+The embedded task (no download) is generated deterministically from a seed. Every example has
+one correct answer, so exact-match accuracy is meaningful:
+
+* ``add``: two numbers 0-99 -> their sum;
+* ``reverse``: 3-6 lower-case letters -> reversed;
+* ``copy``: 3-6 lower-case letters -> the same string;
+* ``sort``: 3-5 digits -> sorted ascending;
+* ``text``: a templated sentence about one of a fixed set of subjects (free text, but
+  still deterministic given the subject, so it is checkable too).
+
+The base model (``python -m llmopt_ext.finetune.pretrain``) is pretrained on the same skills in
+a terse plain-text form (``add 37 45 = 82``, see :func:`pretrain_line`), never in the
+instruction template, so the base model scores ~0 exact match on the instruction prompts and
+fine-tuning has something to teach: the mapping from instructions to skills and the response
+format.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+IGNORE_INDEX = -100  # label value skipped by the cross-entropy of HF causal LMs
+
+TASKS = ("add", "reverse", "copy", "sort", "text")
+
+_INSTRUCTIONS = {
+    "add": "Add the two numbers.",
+    "reverse": "Reverse the letters.",
+    "copy": "Repeat the text exactly.",
+    "sort": "Sort the digits in ascending order.",
+}
+_SUBJECTS = {  # subject -> (adjective, place): fixed, so the "free text" answer is checkable
+    "cat": ("sleepy", "on the sofa"), "dog": ("happy", "in the garden"),
+    "bird": ("small", "in the tree"), "fish": ("quick", "in the pond"),
+    "horse": ("strong", "in the field"), "owl": ("wise", "in the barn"),
+    "fox": ("clever", "in the woods"), "bee": ("busy", "near the flowers"),
+}
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+class DataError(ValueError):
+    """Bad input data (missing file, malformed record, empty dataset): the message says where."""
+
+
+def make_example(rng: random.Random, task: str) -> dict:
+    """One example of ``task`` as an Alpaca record (instruction, input, output, task)."""
+    if task == "add":
+        a, b = rng.randrange(100), rng.randrange(100)
+        inp, out = f"{a} {b}", str(a + b)
+    elif task in ("reverse", "copy"):
+        s = "".join(rng.choice(_LETTERS) for _ in range(rng.randint(3, 6)))
+        inp, out = s, (s[::-1] if task == "reverse" else s)
+    elif task == "sort":
+        d = [rng.choice("0123456789") for _ in range(rng.randint(3, 5))]
+        inp, out = "".join(d), "".join(sorted(d))
+    elif task == "text":
+        subj = rng.choice(sorted(_SUBJECTS))
+        adj, place = _SUBJECTS[subj]
+        return {"instruction": f"Write a sentence about the {subj}.", "input": "",
+                "output": f"The {adj} {subj} is {place}.", "task": task}
+    else:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    return {"instruction": _INSTRUCTIONS[task], "input": inp, "output": out, "task": task}
+
+
+def generate_dataset(n: int, seed: int, tasks: Sequence[str] = TASKS) -> list[dict]:
+    """``n`` examples, tasks drawn uniformly; the same (n, seed, tasks) gives the same list."""
+    rng = random.Random(seed)
+    return [make_example(rng, rng.choice(tasks)) for _ in range(n)]
+
+
+def pretrain_line(ex: dict, form: int = 0) -> str:
+    """A plain-text form of an example used to pretrain the base model. Form 0 is terse
+    (``add 37 45 = 82``), form 1 spreads over lines (``add:\n37 45\n\nresult:\n82``) so the
+    skills do not depend on one fixed distance between input and answer: with form 0 alone,
+    LoRA (r=8, 600 AdamW steps) learned sort but stayed at 0 exact match on copy and reverse,
+    which the base model does at 93-100% in the terse form."""
+    task = ex["task"]
+    if task == "text":
+        return ex["output"]
+    if form == 1:
+        return f"{task}:\n{ex['input']}\n\nresult:\n{ex['output']}"
+    return f"{task} {ex['input']} = {ex['output']}"
+
+
+# ---------------------------------------------------------------------------------- templates
+
+TEMPLATES = {
+    # The standard Alpaca template (Taori et al., 2023).
+    "alpaca": (
+        "Below is an instruction that describes a task, paired with an input that provides "
+        "further context. Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+        "Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n",
+    ),
+    # Alpaca's section headers without the fixed preamble: the embedded model is
+    # character-level, where the preamble alone is ~190 tokens (3x the rest of a prompt).
+    "compact": (
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+        "### Instruction:\n{instruction}\n\n### Response:\n",
+    ),
+}
+
+
+def format_prompt(ex: dict, template: str = "alpaca") -> str:
+    with_input, without_input = TEMPLATES[template]
+    if ex.get("input"):
+        return with_input.format(instruction=ex["instruction"], input=ex["input"])
+    return without_input.format(instruction=ex["instruction"])
+
+
+# ------------------------------------------------------------------------------- file loading
+
+def _check_record(rec, where: str) -> dict:
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object with 'instruction' and 'output', "
+                        f"got {type(rec).__name__}")
+    for key in ("instruction", "output"):
+        if key not in rec:
+            raise DataError(f"{where}: missing key {key!r} (an Alpaca record needs "
+                            "'instruction', 'output' and optionally 'input')")
+    for key in ("instruction", "input", "output"):
+        if key in rec and rec[key] is not None and not isinstance(rec[key], str):
+            raise DataError(f"{where}: {key!r} must be a string, got {type(rec[key]).__name__}")
+    return {"instruction": rec["instruction"], "input": rec.get("input") or "",
+            "output": rec["output"], "task": rec.get("task", "file")}
+
+
+def load_alpaca(path: str) -> list[dict]:
+    """Reads an Alpaca-style dataset: a JSON list of records, or JSONL (one record a line,
+    blank lines skipped). Raises :class:`DataError` naming the file and line on any problem."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such data file")
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, expected a .json or .jsonl file")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    records: list[dict] = []
+    jsonl = path.endswith(".jsonl")
+    if not jsonl:
+        try:
+            data = json.loads(text) if text.strip() else []
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":  # several top-level values: it is JSONL after all
+                raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+            jsonl = True
+        else:
+            if isinstance(data, dict):
+                data = [data]
+            if not isinstance(data, list):
+                raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+            records = [_check_record(r, f"{path}: record {i}") for i, r in enumerate(data)]
+    if jsonl:
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+            records.append(_check_record(rec, f"{path}:{lineno}"))
+    if not records:
+        raise DataError(f"{path}: the dataset is empty (no records)")
+    return records
+
+
+# ------------------------------------------------------------------------------- tokenisation
+
+def encode_example(tokenizer, ex: dict, template: str, max_length: int) -> dict | None:
+    """``input_ids`` = prompt (with the tokenizer's special prefix) + output + EOS;
+    ``labels`` = the same with the prompt replaced by -100, so only the response is learned.
+    Truncated to ``max_length``; None when no response token survives the truncation."""
+    prompt_ids = tokenizer(format_prompt(ex, template), add_special_tokens=True)["input_ids"]
+    resp_ids = tokenizer(ex["output"], add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        resp_ids = resp_ids + [tokenizer.eos_token_id]
+    ids = (prompt_ids + resp_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + resp_ids)[:max_length]
+    if all(t == IGNORE_INDEX for t in labels):
+        return None
+    return {"input_ids": ids, "labels": labels, "prompt_len": len(prompt_ids)}
+
+
+def encode_dataset(tokenizer, records: Iterable[dict], template: str, max_length: int,
+                   what: str = "dataset") -> list[dict]:
+    out = [e for e in (encode_example(tokenizer, r, template, max_length) for r in records) if e]
+    if not out:
+        raise DataError(f"{what}: no example has a response token within --max-length {max_length}")
+    return out
+
+
+def pad_id(tokenizer) -> int:
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def to(self, device) -> "Batch":
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def collate(examples: Sequence[dict], pad: int) -> Batch:
+    """Right-padded batch (padding is masked in attention and ignored in the loss)."""
+    n = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), n), pad, dtype=torch.long)
+    labels = torch.full((len(examples), n), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), n), dtype=torch.long)
+    for i, e in enumerate(examples):
+        k = len(e["input_ids"])
+        ids[i, :k] = torch.tensor(e["input_ids"])
+        labels[i, :k] = torch.tensor(e["labels"])
+        mask[i, :k] = 1
+    return Batch(ids, mask, labels)
+
+
+class BatchStream:
+    """Endless shuffled mini-batches (reshuffled each epoch from a seeded generator). The
+    position (epoch, index) is part of :meth:`state_dict` so a resumed run sees the same data."""
+
+    def __init__(self, examples: list[dict], batch_size: int, pad: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        self.examples, self.batch_size, self.pad, self.seed = examples, batch_size, pad, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.index = 0, 0
+        self._order = self._perm()
+
+    def _perm(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
+        return torch.randperm(len(self.examples), generator=g).tolist()
+
+    def next(self) -> Batch:
+        # each rank takes its own slice of a global batch of batch_size * world_size
+        need = self.batch_size * self.world_size
+        picked: list[int] = []
+        while len(picked) < need:
+            if self.index >= len(self._order):
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._perm()
+            take = self._order[self.index:self.index + need - len(picked)]
+            picked += take
+            self.index += len(take)
+        mine = picked[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return collate([self.examples[i] for i in mine], self.pad)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.epoch, self.index = sd["epoch"], sd["index"]
+        self._order = self._perm()
