@@ -108,9 +108,12 @@ setup(
     description="Fast LoRA layers, tuning-free second-order optimizers and subspace training "
     "for PyTorch (C++/CUDA/Triton kernels)",
     packages=find_packages(include=["llmopt_ext", "llmopt_ext.*"]),
+    # the embedded base model and tokenizer of the fine-tuning default (2.7 MB)
+    package_data={"llmopt_ext.finetune": ["assets/base/*.json", "assets/base/*.safetensors"]},
     python_requires=">=3.9",
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    entry_points={"console_scripts": ["llmopt-info=llmopt_ext.info:main"]},
+    entry_points={"console_scripts": ["llmopt-info=llmopt_ext.info:main",
+                                      "llmopt-finetune=llmopt_ext.finetune.cli:main"]},
     zip_safe=False,
 )

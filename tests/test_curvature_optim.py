@@ -419,3 +419,22 @@ def test_ddp_two_gloo_processes_stay_identical():
     for kind, (same, moved) in results.items():
         assert same, f"{kind}: ranks diverged"
         assert moved, f"{kind}: parameters did not move"
+
+
+def test_oasis_survives_a_stationary_point():
+    # Starting at the minimiser the iterate never moves: the step-size bound has no
+    # curvature information (||w_k - w_{k-1}|| = 0) and must not drive eta to 0, which used to
+    # divide by zero on the next step.
+    w = torch.zeros(3, requires_grad=True)
+    opt = OASIS([w])
+
+    def closure():
+        opt.zero_grad()
+        loss = (w ** 2).sum()
+        loss.backward(create_graph=True)
+        return loss
+
+    for _ in range(4):
+        opt.step(closure)
+    assert torch.equal(w.detach(), torch.zeros(3))
+    assert opt.param_groups[0]["eta"] > 0

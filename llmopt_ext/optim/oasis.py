@@ -80,8 +80,15 @@ class OASIS(torch.optim.Optimizer):
             num = sum(float(((p.detach().float() - st["prev_w"]).square() * d).sum())
                       for p, st, d in zip(params, states, dh))
             den = sum(float(((g - st["prev_g"]).square() / d).sum()) for g, st, d in zip(grads, states, dh))
-            bound = math.sqrt(num) / (2.0 * math.sqrt(den)) if den > 0 else math.inf
-            eta = min(math.sqrt(1.0 + theta_prev) * eta_prev, bound)
+            if num > 0 and den > 0:
+                bound = math.sqrt(num) / (2.0 * math.sqrt(den))
+                eta = min(math.sqrt(1.0 + theta_prev) * eta_prev, bound)
+            else:
+                # No movement or no gradient change (e.g. at a stationary point) carries no
+                # curvature information: keep the step size. A zero bound made eta 0 and the
+                # next theta = eta / eta_prev divide by zero (step 117 of bench_finetune); an
+                # infinite one made eta infinite after the first step (theta_0 = inf).
+                eta = eta_prev
             theta = eta / eta_prev
         for p, st, g, d in zip(params, states, grads, dh):
             st["prev_w"] = p.detach().float().clone()
