@@ -14,7 +14,6 @@ cost of one HVP by double backward vs forward-over-reverse.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import time
@@ -28,6 +27,7 @@ from llmopt_ext.optim import trcg as trcg_mod
 from llmopt_ext.optim.hvp import DoubleBackwardHVP, ForwardOverReverseHVP, math_sdpa
 
 from .bench_multi_tensor import flat_impls, foreach_impls, lora_shapes, loop_impls
+from . import harness
 from .harness import Results, measure
 
 
@@ -347,15 +347,5 @@ def run(device: torch.device, quick: bool = False) -> list[Results]:
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small sizes (CI smoke run)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
-    for r in run(torch.device(args.device), args.quick):
-        print(r.markdown())
-        print("written:", r.write())
-
-
 if __name__ == "__main__":
-    main()
+    harness.main(run, __doc__)

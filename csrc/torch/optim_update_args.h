@@ -107,4 +107,22 @@ inline std::optional<ScalarValue> optional_scalar(const char* op, const char* na
   return scalar_value(op, name, *t, device);
 }
 
+// The argument lists of the two ops, shared by the CPU and CUDA glue so both
+// check the same things in the same order.
+inline OptimPrepared prepare_sophia(at::TensorList params, at::TensorList grads,
+                                    at::TensorList exp_avgs, at::TensorList hessians) {
+  return prepare_optim("sophia_update_", {{"params", params, true}, {"grads", grads, false}},
+                       {{"exp_avgs", exp_avgs, true}, {"hessians", hessians, false}});
+}
+
+inline OptimPrepared prepare_adahessian(at::TensorList params, at::TensorList grads,
+                                        at::TensorList exp_avgs,
+                                        at::TensorList exp_hessian_diag_sqs,
+                                        at::TensorList hessians) {
+  return prepare_optim("adahessian_update_", {{"params", params, true}, {"grads", grads, false}},
+                       {{"exp_avgs", exp_avgs, true},
+                        {"exp_hessian_diag_sqs", exp_hessian_diag_sqs, true},
+                        {"hessians", hessians, false}});
+}
+
 }  // namespace llmopt_ext

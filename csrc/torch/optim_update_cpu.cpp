@@ -37,8 +37,7 @@ void sophia_update_cpu(at::TensorList params, at::TensorList grads, at::TensorLi
                        const std::optional<at::Tensor>& found_inf) {
   const char* op = "sophia_update_";
   const optim::SophiaCoefs c = sophia_coefs(lr, beta1, rho, weight_decay, eps, clip);
-  auto p = prepare_optim(op, {{"params", params, true}, {"grads", grads, false}},
-                         {{"exp_avgs", exp_avgs, true}, {"hessians", hessians, false}});
+  auto p = prepare_sophia(params, grads, exp_avgs, hessians);
   float scale;
   if (skip_and_scale(op, grad_scale, found_inf, p.params.device, &scale)) return;
   cpu::sophia_update(shape_of(p.params), p.params.out(0), p.params.in(1), f32_out(p.state, 0),
@@ -54,10 +53,7 @@ void adahessian_update_cpu(at::TensorList params, at::TensorList grads, at::Tens
                            const std::optional<at::Tensor>& found_inf) {
   const char* op = "adahessian_update_";
   check_adahessian_hyper(lr, beta1, beta2, weight_decay, eps, hessian_power);
-  auto p = prepare_optim(op, {{"params", params, true}, {"grads", grads, false}},
-                         {{"exp_avgs", exp_avgs, true},
-                          {"exp_hessian_diag_sqs", exp_hessian_diag_sqs, true},
-                          {"hessians", hessians, false}});
+  auto p = prepare_adahessian(params, grads, exp_avgs, exp_hessian_diag_sqs, hessians);
   const ScalarValue sv = scalar_value(op, "step", step, p.params.device);
   TORCH_CHECK_VALUE(sv.value >= 1.0f, op, ": step = ", sv.value, "; expected >= 1");
   float scale;

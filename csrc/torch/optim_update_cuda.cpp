@@ -57,8 +57,7 @@ void sophia_update_cuda(at::TensorList params, at::TensorList grads, at::TensorL
                         const std::optional<at::Tensor>& found_inf) {
   const char* op = "sophia_update_";
   const optim::SophiaCoefs c = sophia_coefs(lr, beta1, rho, weight_decay, eps, clip);
-  auto p = prepare_optim(op, {{"params", params, true}, {"grads", grads, false}},
-                         {{"exp_avgs", exp_avgs, true}, {"hessians", hessians, false}});
+  auto p = prepare_sophia(params, grads, exp_avgs, hessians);
   const c10::cuda::CUDAGuard guard(p.params.device);
   cuda::AmpScalars amp;
   at::Tensor keep[1];
@@ -78,10 +77,7 @@ void adahessian_update_cuda(at::TensorList params, at::TensorList grads, at::Ten
                             const std::optional<at::Tensor>& found_inf) {
   const char* op = "adahessian_update_";
   check_adahessian_hyper(lr, beta1, beta2, weight_decay, eps, hessian_power);
-  auto p = prepare_optim(op, {{"params", params, true}, {"grads", grads, false}},
-                         {{"exp_avgs", exp_avgs, true},
-                          {"exp_hessian_diag_sqs", exp_hessian_diag_sqs, true},
-                          {"hessians", hessians, false}});
+  auto p = prepare_adahessian(params, grads, exp_avgs, exp_hessian_diag_sqs, hessians);
   const ScalarValue sv = scalar_value(op, "step", step, p.params.device);
   if (sv.device_ptr == nullptr)
     TORCH_CHECK_VALUE(sv.value >= 1.0f, op, ": step = ", sv.value, "; expected >= 1");
