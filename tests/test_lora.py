@@ -481,3 +481,35 @@ def test_factory_skips_linear_subclasses():
     model = get_peft_model(M(), lnn.use_fused_lora(LoraConfig(r=2, target_modules=["a", "q"])))
     assert type(model.base_model.model.a) is lnn.LoraLinear
     assert type(model.base_model.model.q) is peft_layer.Linear
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_lora_linear_under_autocast(device):
+    """Under torch.autocast the forward GEMMs run in bf16 and dy arrives in bf16: backward must
+    run under the same autocast state (it used to fail in dy @ W with 'BFloat16 != float').
+    Error against the fp32 computation at most 2x that of plain PyTorch under autocast."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 40, device=device, requires_grad=True)
+    w = torch.randn(24, 40, device=device)
+    b = torch.randn(24, device=device, requires_grad=True)
+    a = (torch.randn(8, 40, device=device) * 0.1).requires_grad_()
+    bb = (torch.randn(24, 8, device=device) * 0.1).requires_grad_()
+    leaves = (x, b, a, bb)
+
+    def grads(fn, autocast):
+        for t in leaves:
+            t.grad = None
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            y = fn()
+        y.float().square().sum().backward()
+        return [y.detach().float()] + [t.grad.clone() for t in leaves]
+
+    ours = lambda: ops.lora_linear(x, w, b, a, bb, 2.0)  # noqa: E731
+    plain = lambda: (torch.nn.functional.linear(x, w, b)  # noqa: E731
+                     + 2.0 * torch.nn.functional.linear(torch.nn.functional.linear(x, a), bb))
+    exact = grads(plain, False)
+    got, base = grads(ours, True), grads(plain, True)
+    for g, p, e in zip(got, base, exact):
+        assert g.dtype == e.dtype or g.dtype == torch.bfloat16
+        err, err_plain = (g.float() - e).norm(), (p.float() - e).norm()
+        assert err <= 2 * err_plain + 1e-6 * e.norm(), (err, err_plain)

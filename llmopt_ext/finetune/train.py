@@ -474,13 +474,6 @@ def run(args) -> dict:
     eval_ex = D.encode_dataset(tokenizer, eval_records, template, args.max_length,
                                what="eval split") if eval_records else []
 
-    if args.fused and args.precision != "fp32":
-        # llmopt_ext.ops.lora_linear's backward gets a bf16/fp16 dy for its fp32 output under
-        # autocast and fails in `dy @ w` (ops/lora.py, reported to the lead): peft's layer
-        # until that is fixed.
-        log("note: --precision bf16/fp16 uses peft's LoRA layer (the fused one does not "
-            "support autocast yet)", d.rank)
-        args.fused = False
     if args.optimizer in CLOSURE_OPTIMIZERS and args.lora_dropout > 0:
         log(f"note: {args.optimizer} re-evaluates its closure, which must be deterministic: "
             "LoRA dropout set to 0", d.rank)

@@ -137,6 +137,10 @@ class _LoraLinearAten(torch.autograd.Function):
         # base + s * t B^T in the output dtype: the add is fused into the GEMM (beta = 1).
         y.addmm_(ts.to(y.dtype), lora_B.t().to(y.dtype))
         ctx.save_for_backward(x2, weight, lora_A, lora_B, ts, mask)
+        # Under torch.autocast the GEMMs above ran in the autocast dtype, so dy arrives in it;
+        # backward re-enters the same autocast state (autograd runs backward outside it).
+        dev = x2.device.type
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         ctx.scaling = scaling
         ctx.dropout_p = dropout_p
         ctx.fan_in_fan_out = fan_in_fan_out
@@ -145,6 +149,12 @@ class _LoraLinearAten(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        dev, enabled, dtype = ctx.autocast
+        with torch.autocast(dev, dtype=dtype, enabled=enabled):
+            return _LoraLinearAten._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         x2, weight, lora_A, lora_B, ts, mask = ctx.saved_tensors
         s, p = ctx.scaling, ctx.dropout_p
         dy = dy.contiguous()
