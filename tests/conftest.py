@@ -1,8 +1,16 @@
 """Shared test helpers: devices, backends and the per-dtype tolerance table."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run under the interpreter. Set here, before any test module
+# is collected: triton reads the variable when it is first imported, and peft (imported by
+# several test modules) imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import llmopt_ext
 from llmopt_ext import backend
