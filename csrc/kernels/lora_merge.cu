@@ -12,10 +12,9 @@
 // __fadd_rn (no FMA contraction), D = __fmul_rn(s, acc), W = round_once(W +/- D)
 // computed in double and rounded with __double2float_rn / __double2bfloat16 /
 // __double2half: exactly the CPU kernel's bits (csrc/cpu/lora.cpp).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include "lora_cuda.h"
+#include "storage_types.cuh"
 
 namespace llmopt_ext {
 namespace cuda {
@@ -26,17 +25,6 @@ constexpr int kVec = 4;          // columns per thread: 512 columns per tile
 constexpr int kTileRows = 16;    // W rows per block; Q chunk reused 16 times
 constexpr int kRankChunk = 16;   // ranks staged per shared-memory round
 constexpr int kTileCols = kThreads * kVec;
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-
-template <class T> __device__ __forceinline__ T from_f64(double d);
-template <> __device__ __forceinline__ float from_f64<float>(double d) { return __double2float_rn(d); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f64<__nv_bfloat16>(double d) {
-  return __double2bfloat16(d);
-}
-template <> __device__ __forceinline__ __half from_f64<__half>(double d) { return __double2half(d); }
 
 template <class TW, class TA>
 __global__ void __launch_bounds__(kThreads)

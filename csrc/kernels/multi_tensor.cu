@@ -10,11 +10,10 @@
 // Reductions accumulate in double: per thread, then warp shuffles, then one
 // partial per block in a workspace, summed in a fixed order by a finalize
 // kernel, so the result does not depend on scheduling.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include "multi_tensor_apply.cuh"
 #include "multi_tensor_cuda.h"
+#include "storage_types.cuh"
 
 namespace llmopt_ext {
 namespace cuda {
@@ -26,17 +25,7 @@ constexpr int kMaxTensors = 256;
 constexpr int kIlp = 4;  // loads in flight per thread before any store
 constexpr int kWarps = kBlockThreads / 32;
 
-// ---- storage <-> double ---------------------------------------------------
-__device__ __forceinline__ double to_f64(float v) { return v; }
-__device__ __forceinline__ double to_f64(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ double to_f64(__half v) { return __half2float(v); }
-
-template <class T> __device__ __forceinline__ T from_f64(double d);
-template <> __device__ __forceinline__ float from_f64<float>(double d) { return __double2float_rn(d); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f64<__nv_bfloat16>(double d) {
-  return __double2bfloat16(d);
-}
-template <> __device__ __forceinline__ __half from_f64<__half>(double d) { return __double2half(d); }
+// ---- storage <-> double: storage_types.cuh ---------------------------------
 
 template <class T>
 __device__ __forceinline__ double ld(void* const* p, int d, int64_t i) {
@@ -222,16 +211,6 @@ template <int K>
 cudaError_t finalize(int64_t nblocks, const double* partials, float* out, cudaStream_t stream) {
   finalize_kernel<K><<<1, kBlockThreads, 0, stream>>>(partials, nblocks, out);
   return cudaGetLastError();
-}
-
-template <class F>
-cudaError_t dispatch(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::Float32: return f(float{});
-    case DType::BFloat16: return f(__nv_bfloat16{});
-    case DType::Float16: return f(__half{});
-  }
-  return cudaErrorInvalidValue;
 }
 
 void* const* mut(const void* const* p) { return const_cast<void* const*>(p); }

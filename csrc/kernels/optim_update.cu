@@ -3,11 +3,10 @@
 // element read and written once, float32 math from optim_update_math.h
 // (the same expressions as the CPU kernels, no FMA contraction), params
 // rounded once on store. Torch-free.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include "multi_tensor_apply.cuh"
 #include "optim_update_cuda.h"
+#include "storage_types.cuh"
 
 namespace llmopt_ext {
 namespace cuda {
@@ -21,16 +20,6 @@ constexpr int kMaxTensors = 512;
 constexpr int64_t kChunk = 8192;
 constexpr int kThreads = 256;
 constexpr int kIlp = 4;
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-template <class T> __device__ __forceinline__ T from_f32(float f);
-template <> __device__ __forceinline__ float from_f32<float>(float f) { return f; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float f) {
-  return __float2bfloat16_rn(f);
-}
-template <> __device__ __forceinline__ __half from_f32<__half>(float f) { return __float2half_rn(f); }
 
 // Returns false (skip) when found_inf is set; sets the gradient divisor.
 __device__ __forceinline__ bool amp_init(const AmpScalars& amp, float& scale) {
@@ -127,16 +116,6 @@ struct AdaHessianOp {  // p = {params (w), grads, exp_avgs (w), exp_hessian_diag
     else run<false>(p, begin, len);
   }
 };
-
-template <class F>
-cudaError_t dispatch(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::Float32: return f(float{});
-    case DType::BFloat16: return f(__nv_bfloat16{});
-    case DType::Float16: return f(__half{});
-  }
-  return cudaErrorInvalidValue;
-}
 
 // The launcher's table holds void* for every list; read-only lists are only read.
 template <class P>
