@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import tempfile
 
@@ -35,6 +36,16 @@ def _finetune(device: torch.device, out: str, argv: list[str]) -> dict:
         return run(args)
 
 
+def _smooth(values, window: int = 10) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
 def run(device: torch.device, quick: bool = False) -> list[Results]:
     steps = 10 if quick else 300
     size = ["--train-size", "400" if quick else "4000", "--eval-size", "16" if quick else "200",
@@ -54,6 +65,7 @@ def run(device: torch.device, quick: bool = False) -> list[Results]:
         for name, t in rows.items():
             res.add(layer=name, steps_per_s=t["steps_per_s"], tokens_per_s=t["tokens_per_s"],
                     vs_peft=t["steps_per_s"] / rows["peft"]["steps_per_s"])
+        res.plot(["vs_peft"], label=["layer"], title="Fine-tuning steps/s relative to peft's LoRA Linear")
         out.append(res)
 
         # 2) optimizers
@@ -75,10 +87,29 @@ def run(device: torch.device, quick: bool = False) -> list[Results]:
                 base = r["before"]
                 res.add(optimizer="(base model)", lr="", eval_loss=base["eval_loss"],
                         exact_match=base["exact_match"], steps_per_s="", seconds="")
-            res.add(optimizer=opt, lr=r["options"]["lr"] if r["options"]["lr"] is not None else
-                    ("default" if opt not in ("trcg", "aisarah") else "none"),
+            lr = r["options"]["lr"]
+            label = opt if opt != "adamw" else f"adamw lr={lr:g}"
+            res.add(optimizer=opt, lr=lr if lr is not None else ("default" if opt not in ("trcg", "aisarah")
+                                                                 else "none"),
                     eval_loss=r["after"]["eval_loss"], exact_match=r["after"]["exact_match"],
                     steps_per_s=r["train"]["steps_per_s"], seconds=r["train"]["seconds"])
+            steps_done, losses = zip(*r["train"]["history"])
+            res.curve(label, steps_done, _smooth(losses), title="Training loss (moving average over 10 steps)",
+                      xlabel="step", ylabel="training loss")
+        adamw = [row for row in res.rows if row["optimizer"] == "adamw" and math.isfinite(row["eval_loss"])]
+        if not adamw:
+            return out + [res]
+        best = min(adamw, key=lambda row: row["eval_loss"])
+        res.notes.append(f"best AdamW of the sweep: lr={best['lr']:g}, eval loss {best['eval_loss']:.3f}; "
+                         "eval_vs_best_adamw = eval loss / that (lower is better, 1 = as good as tuned AdamW)")
+        for row in res.rows:
+            if row["optimizer"] != "(base model)":
+                row["eval_vs_best_adamw"] = row["eval_loss"] / best["eval_loss"]
+        res.plot(["eval_loss"], label=["optimizer", "lr"], kind="value",
+                 limits=[(best["eval_loss"], "best AdamW of the sweep")], xlabel="eval loss after training",
+                 title="Eval loss: AdamW LR sweep vs tuning-free optimizers at defaults (lower is better)")
+        res.plot(["exact_match"], label=["optimizer", "lr"], kind="value", xlabel="exact-match accuracy",
+                 title="Exact match on held-out generated tasks (higher is better)")
         out.append(res)
     return out
 

@@ -109,6 +109,10 @@ def _linear_rows(res, device, shapes, tokens_list, ranks, quick):
                     row["peft_vs_base_fwdbwd"] = row["peft_fwdbwd_ms"] / row["base_fwdbwd_ms"]
                     row["speedup_vs_peft_fwdbwd"] = row["peft_fwdbwd_ms"] / row["fused_fwdbwd_ms"]
                     row["speedup_vs_peft_fwd"] = row["peft_fwd_ms"] / row["fused_fwd_ms"]
+                    # fwd: base GEMM + x A^T + (xA^T) B^T; bwd: dX through W and the adapter, dA, dB
+                    flops = 4 * tokens * in_f * out_f + 6 * tokens * r * (in_f + out_f)
+                    row["fused_TFLOPs"] = flops / (row["fused_fwdbwd_ms"] * 1e-3) / 1e12
+                    row["pct_matmul"] = 100 * row["fused_TFLOPs"] / harness.matmul_throughput(device)
                     res.add(**row)
 
 
@@ -156,10 +160,25 @@ def run(device: torch.device, quick: bool = False) -> list[Results]:
         lin.notes.append("CPU full run: Llama-8B shapes at 256 tokens (not 2048/8192) and r = 16 only, "
                          "to keep it near 3 minutes on 2 cores")
     _linear_rows(lin, device, shapes, tokens, ranks, quick)
+    mm = harness.matmul_throughput(device)
+    lin.notes.append(f"fused_TFLOPs: (4 T in out + 6 T r (in + out)) / fused fwd+bwd time; pct_matmul: of the "
+                     f"measured bf16 matmul throughput, {mm:.3g} TFLOP/s")
+    lin.plot(["speedup_vs_peft_fwdbwd", "speedup_vs_peft_fwd"], label=["shape", "tokens", "r", "adapters"],
+             title="Fused LoRA Linear: speed-up over peft lora.Linear")
+    lin.plot(["fused_vs_base_fwdbwd", "peft_vs_base_fwdbwd"], label=["shape", "tokens", "r", "adapters"],
+             kind="value", limits=[(1.0, "frozen base Linear alone")],
+             xlabel="fwd+bwd time / base Linear fwd+bwd time (lower is better)",
+             title="Cost of the adapter over the frozen base layer")
+    lin.plot(["fused_TFLOPs"], label=["shape", "tokens", "r", "adapters"], kind="value", limits=harness.matmul_limits(device),
+             xlabel="TFLOP/s", title="Fused LoRA Linear fwd+bwd throughput")
     merge = Results("lora_merge", device, title="LoRA merge (W += s B A in place)")
     merge.notes.append("GB/s counts W read + written; peft = delta materialised then added")
     m_shapes = [(1024, 1024)] if quick else LLAMA8B
     _merge_rows(merge, device, m_shapes, [16] if quick else [16, 64], quick)
+    merge.plot(["speedup_vs_peft"], label=["shape", "r", "weight"], title="LoRA merge: speed-up over peft's merge")
+    merge.plot(["GBps"], label=["shape", "r", "weight"], kind="value",
+               limits=harness.bandwidth_limits(device), xlabel="GB/s",
+               title="LoRA merge: achieved bandwidth")
     return [lin, merge]
 
 

@@ -183,6 +183,11 @@ def run(device: torch.device, quick: bool = False) -> list[Results]:
                     if name in times:
                         row[f"vs_{name}"] = times[name] / ms
                 res.add(**row)
+    for dt in ("float32", "bfloat16"):
+        res.plot(["vs_loop", "vs_foreach", "vs_flat"], label=["op", "tensors"], where={"dtype": dt},
+                 title=f"Multi-tensor ops, {dt}: speed-up over PyTorch baselines")
+    res.plot(["GBps"], label=["op", "dtype", "tensors"], kind="value", limits=harness.bandwidth_limits(device),
+             xlabel="GB/s (bytes read + written / time)", title="Multi-tensor ops: achieved bandwidth")
     return [res]
 
 

@@ -146,6 +146,10 @@ def run(device: torch.device, quick: bool) -> list[Results]:
                         vs_loop=t["loop"] / t["fused"], vs_foreach=t["foreach"] / t["fused"],
                         vs_reference=t["reference"] / t["fused"], adamw_fused_ms=t_adam,
                         adamw_GBps=adam_gbs, per_byte_vs_adamw=gbs / adam_gbs)
+    res.plot(["vs_loop", "vs_foreach", "vs_reference"], label=["op", "list", "dtype"],
+             title="Fused Sophia / AdaHessian updates: speed-up over PyTorch baselines")
+    res.plot(["GBps", "adamw_GBps"], label=["op", "list", "dtype"], kind="value", limits=harness.bandwidth_limits(device),
+             xlabel="GB/s", title="Fused updates vs torch AdamW(fused=True): achieved bandwidth")
     return [res]
 
 

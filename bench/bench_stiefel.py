@@ -124,6 +124,8 @@ def run(device: torch.device, quick: bool = False) -> list[Results]:
     else:
         res.notes.append("galore-torch not importable: no GaLoreAdamW comparison")
     res.add(**row)
+    res.plot(["vs_randn", "vs_linalg_qr", "vs_aten_cholqr2", "vs_qr_randn", "vs_galore_svd", "vs_galore_adamw"],
+             label=["op", "m", "r"], title="Stiefel projectors: speed-up over PyTorch / GaLore baselines")
     return [res]
 
 

@@ -246,6 +246,7 @@ def run(device: torch.device, quick: bool = False) -> list[Results]:
     res.add(tensors=n, elements=numel, trcg_ms=t["trcg"], loop_ms=t["loop"], foreach_ms=t["foreach"],
             flat_ms=t["flat"], vs_loop=t["loop"] / t["trcg"], vs_foreach=t["foreach"] / t["trcg"],
             vs_flat=t["flat"] / t["trcg"])
+    res.plot(["vs_loop", "vs_foreach", "vs_flat"], label=["tensors"], title="One CG iteration: speed-up")
     out.append(res)
 
     # 2) full steps on a tiny Llama + LoRA
@@ -328,6 +329,8 @@ def run(device: torch.device, quick: bool = False) -> list[Results]:
                 trial_eval_ms=acc.get("trial_eval", 0.0), vector_ops_ms=acc.get("vector_ops", 0.0), sync_ms=acc.get("syncs", 0.0),
                 other_ms=acc["total"] - known, syncs=syncs, syncs_per_cg_iter=round(syncs / max(cg, 1), 1),
                 vs_trcg=step_ms / t_trcg)
+    res.plot(["forward_ms", "gradient_ms", "hvp_ms", "trial_eval_ms", "vector_ops_ms", "sync_ms", "other_ms"],
+             label=["impl"], kind="value", xlabel="ms per step (breakdown runs)", title="TRCG step: where the time goes")
     out.append(res)
 
     # 3) one HVP by each method (eager attention: forward-over-reverse needs forward AD)

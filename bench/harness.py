@@ -5,8 +5,12 @@
   wall-clock around an unsynchronised launch.
 - ``copy_bandwidth(device)``: measured device copy bandwidth (GB/s), the roofline the
   memory-bound ops are reported against.
+- ``matmul_throughput(device, dtype)``: measured TFLOP/s of one large matmul, the compute
+  roofline the GEMM-bound ops are reported against (with the datasheet peak on known GPUs,
+  ``datasheet_limits``).
 - ``Results``: rows of one benchmark, written as JSON and a markdown table under
-  ``bench/results/<device>-<commit>/``.
+  ``bench/results/<device>-<commit>/``, plus plot specifications that ``bench.report``
+  renders to PNG.
 """
 from __future__ import annotations
 
@@ -101,37 +105,91 @@ def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20) -> float:
     return _BW_CACHE[key]
 
 
+_MM_CACHE: dict[tuple[str, torch.dtype], float] = {}
+
+
+def matmul_throughput(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Measured TFLOP/s of one square matmul (4096 on GPU, 1024 on CPU)."""
+    key = (str(device), dtype)
+    if key not in _MM_CACHE:
+        n = 4096 if device.type == "cuda" else 1024
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        t = measure(lambda: a @ b, device, min_reps=5, max_reps=20)
+        _MM_CACHE[key] = 2 * n ** 3 / (t["ms"] * 1e-3) / 1e12
+    return _MM_CACHE[key]
+
+
+# Dense (no sparsity) datasheet peaks, SXM parts: (HBM TB/s, bf16 tensor-core TFLOP/s).
+_DATASHEET = {"h100 80gb hbm3": (3.35, 989.0), "h100 pcie": (2.0, 756.0), "h200": (4.8, 989.0)}
+
+
+def datasheet_limits(device: torch.device) -> dict[str, float]:
+    """{'GBps': ..., 'TFLOPs': ...} from the vendor datasheet for known GPUs, else {}."""
+    if device.type != "cuda":
+        return {}
+    name = torch.cuda.get_device_name(device).lower()
+    for key, (tbs, tflops) in _DATASHEET.items():
+        if key in name:
+            return {"GBps": tbs * 1e3, "TFLOPs": tflops}
+    return {}
+
+
+def bandwidth_limits(device: torch.device) -> list[tuple[float, str]]:
+    """Memory-bound roofline lines for plots: measured copy bandwidth, datasheet HBM peak."""
+    limits = [(copy_bandwidth(device), "measured copy bandwidth")]
+    if "GBps" in datasheet_limits(device):
+        limits.append((datasheet_limits(device)["GBps"], "datasheet HBM bandwidth"))
+    return limits
+
+
+def matmul_limits(device: torch.device) -> list[tuple[float, str]]:
+    """Compute-bound roofline lines for plots: measured bf16 matmul, datasheet dense bf16 peak."""
+    limits = [(matmul_throughput(device), "measured bf16 matmul")]
+    if "TFLOPs" in datasheet_limits(device):
+        limits.append((datasheet_limits(device)["TFLOPs"], "datasheet bf16 dense"))
+    return limits
+
+
 @dataclass
 class Results:
-    """Rows of one benchmark; write() saves <name>.json and <name>.md."""
+    """Rows of one benchmark; write() saves <name>.json (rows, notes, plot specs) and <name>.md."""
 
     name: str
     device: torch.device
     title: str = ""
     notes: list[str] = field(default_factory=list)
     rows: list[dict] = field(default_factory=list)
+    plots: list[dict] = field(default_factory=list)
+    curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
     def add(self, **row) -> None:
         self.rows.append(row)
+
+    def plot(self, y: list[str], *, label: list[str], kind: str = "ratio", title: str = "",
+             where: dict | None = None, limits: list[tuple[float, str]] = (), xlabel: str = "") -> None:
+        """Asks bench.report for a horizontal grouped bar chart: one group per row (filtered by
+        ``where``: column -> value or list of values), labelled by the ``label`` columns, one bar
+        per ``y`` column. kind='ratio' uses a log axis with a line at 1 (parity); kind='value'
+        a linear axis with a vertical line per (value, label) in ``limits`` (device limits)."""
+        if kind not in ("ratio", "value"):
+            raise ValueError(f"unknown plot kind {kind!r}")
+        self.plots.append(dict(kind=kind, y=list(y), label=list(label), title=title, where=where or {},
+                               limits=[[float(v), str(n)] for v, n in limits], xlabel=xlabel))
+
+    def curve(self, name: str, x: list[float], y: list[float], *, title: str = "", xlabel: str = "",
+              ylabel: str = "") -> None:
+        """A named line (e.g. a loss curve); all curves of one Results share one line plot."""
+        self.curves[name] = {"x": [float(v) for v in x], "y": [float(v) for v in y]}
+        if not any(p["kind"] == "curves" for p in self.plots):
+            self.plots.append(dict(kind="curves", title=title, xlabel=xlabel, ylabel=ylabel))
 
     def out_dir(self) -> str:
         return os.path.join(RESULTS_DIR, f"{device_tag(self.device)}-{commit()}")
 
     def markdown(self) -> str:
-        lines = [f"## {self.title or self.name}", "", f"Device: {device_name(self.device)}; "
-                 f"torch {torch.__version__}; commit {commit()}.", ""]
-        lines += [f"- {n}" for n in self.notes]
-        if self.notes:
-            lines.append("")
-        if self.rows:
-            cols = list(self.rows[0].keys())
-            for r in self.rows[1:]:
-                cols += [k for k in r if k not in cols]
-            lines.append("| " + " | ".join(cols) + " |")
-            lines.append("|" + "---|" * len(cols))
-            for r in self.rows:
-                lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
-        return "\n".join(lines) + "\n"
+        return markdown_section(self.title or self.name, f"{device_name(self.device)}; torch "
+                                f"{torch.__version__}; commit {commit()}", self.notes, self.rows)
 
     def write(self, out_dir: str | None = None) -> str:
         out_dir = out_dir or self.out_dir()
@@ -139,11 +197,31 @@ class Results:
         meta = {"name": self.name, "device": device_name(self.device), "torch": torch.__version__,
                 "commit": commit(), "notes": self.notes}
         with open(os.path.join(out_dir, f"{self.name}.json"), "w") as f:
-            json.dump({"meta": meta, "rows": self.rows}, f, indent=1)
+            json.dump({"meta": meta, "title": self.title, "rows": self.rows, "plots": self.plots,
+                       "curves": self.curves}, f, indent=1)
         path = os.path.join(out_dir, f"{self.name}.md")
         with open(path, "w") as f:
             f.write(self.markdown())
         return path
+
+
+def markdown_section(title: str, where: str, notes: list[str], rows: list[dict], images=()) -> str:
+    """One report section: title, where it ran, notes as bullets, plots, the rows as a table."""
+    lines = [f"## {title}", "", f"Device: {where}.", ""]
+    lines += [f"- {n}" for n in notes]
+    if notes:
+        lines.append("")
+    for alt, path in images:
+        lines += [f"![{alt}]({path})", ""]
+    if rows:
+        cols = list(rows[0].keys())
+        for r in rows[1:]:
+            cols += [k for k in r if k not in cols]
+        lines.append("| " + " | ".join(cols) + " |")
+        lines.append("|" + "---|" * len(cols))
+        for r in rows:
+            lines.append("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _fmt(v) -> str:

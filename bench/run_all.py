@@ -3,8 +3,8 @@
     python -m bench.run_all [--quick] [--device cpu|cuda]
 
 Each benchmark module exposes ``run(device, quick) -> list[Results]``. Results go to
-``bench/results/<device>-<commit>/``: a JSON and a markdown file per benchmark and a
-combined ``REPORT.md``.
+``bench/results/<device>-<commit>/``: a JSON and a markdown file per benchmark, and one
+``REPORT.md`` with every table and the PNG plots under ``plots/`` (``bench.report``).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import time
 import torch
 
 from .harness import RESULTS_DIR, Results, commit, device_name, device_tag
+from .report import write_report
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -34,8 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     out_dir = os.path.join(RESULTS_DIR, f"{device_tag(device)}-{commit()}" + ("-quick" if args.quick else ""))
-    sections = [f"# llmopt_ext benchmarks\n\nDevice: {device_name(device)}; torch {torch.__version__}; "
-                f"commit {commit()}{' (quick sizes)' if args.quick else ''}.\n"]
+    header = (f"Device: {device_name(device)}; torch {torch.__version__}; commit {commit()}"
+              f"{' (quick sizes)' if args.quick else ''}. Command: `python -m bench.run_all"
+              f"{' --quick' if args.quick else ''}`.")
+    names = []
     failed = []
     for name in args.only or modules():
         t0 = time.perf_counter()
@@ -48,12 +51,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for r in results:
             r.write(out_dir)
-            sections.append(r.markdown())
+            names.append(r.name)
         print(f"   done in {time.perf_counter() - t0:.1f} s", flush=True)
     os.makedirs(out_dir, exist_ok=True)
-    report = os.path.join(out_dir, "REPORT.md")
-    with open(report, "w") as f:
-        f.write("\n".join(sections))
+    report = write_report(out_dir, names, header)
     print(f"report: {report}")
     if failed:
         print(f"failed benchmarks: {', '.join(failed)}", file=sys.stderr)

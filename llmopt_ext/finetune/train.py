@@ -552,7 +552,8 @@ def run(args) -> dict:
     results["train"] = {"steps": done_steps, "seconds": train_time,
                         "steps_per_s": done_steps / max(train_time, 1e-9),
                         "tokens_per_s": tokens / max(train_time, 1e-9),
-                        "final_loss": history[-1][1] if history else None}
+                        "final_loss": history[-1][1] if history else None,
+                        "history": history}
     if d.enabled:  # ranks must agree: the optimizers keep parameters identical
         import torch.distributed as dist
         flat = torch.cat([p.detach().float().reshape(-1) for p in params])
