@@ -77,7 +77,7 @@ def run(device: torch.device, quick: bool = False) -> list[Results]:
         base = None
         for opt, extra in runs:
             try:
-                r = _finetune(device, os.path.join(tmp, f"{opt}{extra}"), [*size, "--optimizer", opt, *extra])
+                r = _finetune(device, os.path.join(tmp, "-".join([opt, *extra])), [*size, "--optimizer", opt, *extra])
             except RuntimeError as e:  # an optimizer that breaks down is a result, not a crash
                 res.add(optimizer=opt, lr="default", eval_loss=float("nan"), exact_match=float("nan"),
                         steps_per_s="", seconds="")

@@ -185,6 +185,39 @@ def test_oasis_converges_on_logistic_regression():
     assert final - best < 1e-3 * (start - best)
 
 
+def _oasis_run(grad_difference, batches, steps):
+    """OASIS on logistic regression; batches: None (full batch) or a mini-batch size."""
+    x, y = _logreg()
+    w = torch.nn.Parameter(torch.zeros(x.shape[1]))
+    opt = OASIS([w], grad_difference=grad_difference)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.arange(x.shape[0]) if batches is None else torch.randint(0, x.shape[0], (batches,), generator=g)
+
+        def closure(idx=idx):
+            opt.zero_grad()
+            loss = _logreg_loss(w, x[idx], y[idx])
+            loss.backward(create_graph=True)
+            return loss
+        opt.step(closure)
+    return w.detach(), opt.param_groups[0]["eta"], _logreg_loss(w, x, y).item()
+
+
+def test_oasis_grad_difference_modes():
+    with pytest.raises(ValueError, match="grad_difference"):
+        OASIS([torch.nn.Parameter(torch.zeros(2))], grad_difference="other")
+    # full batch: the same batch IS the previous batch, so the two modes are the same method
+    w_same, eta_same, _ = _oasis_run("same_batch", None, 20)
+    w_cons, eta_cons, _ = _oasis_run("consecutive", None, 20)
+    assert torch.equal(w_same, w_cons) and eta_same == eta_cons
+    # mini-batches of 8: the consecutive difference is mostly batch noise and eta collapses
+    # (it can grow by at most sqrt(1 + theta) per step); the same-batch one measures curvature
+    _, eta_same, loss_same = _oasis_run("same_batch", 8, 60)
+    _, eta_cons, loss_cons = _oasis_run("consecutive", 8, 60)
+    assert eta_same > 10 * eta_cons, (eta_same, eta_cons)
+    assert loss_same < loss_cons, (loss_same, loss_cons)
+
+
 def test_aisarah_converges_on_logistic_regression():
     x, y = _logreg()
     best = _logreg_optimum(x, y)

@@ -239,7 +239,7 @@ def test_cli_with_data_file_and_precisions(tmp_path):
         assert torch.isfinite(torch.tensor(r["after"]["eval_loss"]))
 
 
-@pytest.mark.parametrize("opt", ["adamw", "trcg", "sophiag"])
+@pytest.mark.parametrize("opt", ["adamw", "trcg", "sophiag", "oasis"])
 def test_resume_gives_the_same_adapter(tmp_path, opt):
     extra = ["--optimizer", opt, "--max-steps", "4", "--no-eval", "--hessian-every", "1"] + (
         ["--cg-iters", "3"] if opt == "trcg" else [])
@@ -256,7 +256,7 @@ def test_resume_gives_the_same_adapter(tmp_path, opt):
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("opt", ["adamw", "adahessian"])
+@pytest.mark.parametrize("opt", ["adamw", "adahessian", "oasis"])
 def test_torchrun_gloo_two_ranks(tmp_path, opt):
     """2-process DDP run: parameters identical on both ranks, only rank 0 writes."""
     out = tmp_path / "ddp"
