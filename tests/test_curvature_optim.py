@@ -218,6 +218,28 @@ def test_oasis_grad_difference_modes():
     assert loss_same < loss_cons, (loss_same, loss_cons)
 
 
+def test_aisarah_full_closure_may_yield_chunk_losses():
+    # a generator of equally sized chunk losses gives the same outer-loop gradient (and so the
+    # same trajectory, up to rounding) as one full-data loss; an empty generator is an error
+    x, y = _logreg()
+    ws = []
+    for chunked in (False, True):
+        w = torch.nn.Parameter(torch.zeros(x.shape[1]))
+        opt = AISARAH([w], max_inner=4)
+        full = (lambda: (_logreg_loss(w, x[i::4], y[i::4]) for i in range(4))) if chunked else \
+            (lambda: _logreg_loss(w, x, y))
+        g = torch.Generator().manual_seed(0)
+        for _ in range(10):
+            idx = torch.randint(0, x.shape[0], (32,), generator=g)
+            opt.step(lambda idx=idx: _logreg_loss(w, x[idx], y[idx]), full_closure=full)
+        ws.append(w.detach().clone())
+    assert x.shape[0] % 4 == 0
+    torch.testing.assert_close(ws[0], ws[1], rtol=1e-5, atol=1e-6)
+    opt = AISARAH([torch.nn.Parameter(torch.zeros(2))])
+    with pytest.raises(ValueError, match="yielded no losses"):
+        opt.step(lambda: opt.param_groups[0]["params"][0].sum(), full_closure=lambda: iter(()))
+
+
 def test_aisarah_converges_on_logistic_regression():
     x, y = _logreg()
     best = _logreg_optimum(x, y)

@@ -152,6 +152,7 @@ def test_load_alpaca_json_errors(tmp_path):
     (["--optimizer", "trcg", "--lr", "0.1"], "has no learning rate"),
     (["--optimizer", "oasis", "--precision", "fp16"], "GradScaler"),
     (["--max-steps", "0"], "--max-steps must be >= 1"),
+    (["--optimizer", "aisarah", "--aisarah-anchor", "-1"], "--aisarah-anchor must be >= 0"),
 ])
 def test_cli_bad_input(tmp_path, capsys, argv, match):
     argv = [a.replace("MISSING", str(tmp_path / "nope.jsonl")) for a in argv]
@@ -256,7 +257,7 @@ def test_resume_gives_the_same_adapter(tmp_path, opt):
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("opt", ["adamw", "adahessian", "oasis"])
+@pytest.mark.parametrize("opt", ["adamw", "adahessian", "oasis", "aisarah"])
 def test_torchrun_gloo_two_ranks(tmp_path, opt):
     """2-process DDP run: parameters identical on both ranks, only rank 0 writes."""
     out = tmp_path / "ddp"

@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hessian-every", type=int, default=10,
                    help="sophiag/sophiah: steps between Hessian-diagonal refreshes")
     g.add_argument("--cg-iters", type=int, default=10, help="trcg: CG iterations (HVPs) per step")
+    g.add_argument("--aisarah-anchor", type=int, default=256, metavar="N",
+                   help="aisarah: a fixed sample of N training examples whose gradient starts each "
+                   "outer loop, in place of the full-data gradient (0: the current mini-batch)")
     g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--grad-accum", type=int, default=1)
     g.add_argument("--max-steps", type=int, default=600)

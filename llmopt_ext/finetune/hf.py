@@ -112,14 +112,15 @@ class LlmoptTrainer(Trainer):
             model.eval()  # the closure is re-evaluated at the trial point: no dropout
             loss = self._llmopt_step(lambda: self._loss(model, inputs))
             return loss.detach()
-        # OASIS: the closure runs its own create_graph backward
+        # OASIS: the closure runs its own create_graph backward, at w_k and (same-batch gradient
+        # difference, the default) at w_{k-1}: it must be deterministic, so no dropout
 
         def closure():
             opt.zero_grad(set_to_none=True)
             loss = self._loss(model, inputs)
             loss.backward(create_graph=True)
             return loss
-        model.train()
+        model.eval()
         loss = self._llmopt_step(closure)
         opt.zero_grad(set_to_none=True)  # drop the graph held by .grad
         return loss.detach()

@@ -15,7 +15,11 @@ class AISARAH(torch.optim.Optimizer):
     """Closure API: ``closure()`` returns the loss of the CURRENT mini-batch at the current
     parameters (no backward; it is called twice per step, at w_{t-1} and at w_t, and must use
     the same mini-batch both times). ``full_closure`` (optional, passed to ``step``) returns
-    the full-data loss; it is used when an outer loop starts (else the mini-batch gradient).
+    the full-data loss, or an iterable of equally weighted per-chunk losses (a generator:
+    each is differentiated and freed before the next is computed, so memory stays at one
+    chunk's graph); it is used when an outer loop starts. Without it the outer loop starts
+    from the current mini-batch's gradient, whose noise the recursive estimate then carries
+    until the next restart.
 
     Per inner step t (paper, Algorithm 2, practical version):
 
@@ -51,6 +55,22 @@ class AISARAH(torch.optim.Optimizer):
             gs = torch.autograd.grad(loss, params, create_graph=create_graph)
         return loss, list(gs)
 
+    def _full_grad(self, full_closure: Callable, params) -> list[torch.Tensor]:
+        """Gradient of full_closure()'s loss, or the mean gradient of the losses it yields."""
+        with torch.enable_grad():
+            out = full_closure()
+            if torch.is_tensor(out):
+                return [g.detach() for g in torch.autograd.grad(out, params)]
+            total, n = None, 0
+            for loss in out:
+                gs = torch.autograd.grad(loss, params)
+                total = [g.detach().clone() for g in gs] if total is None else \
+                    [t.add_(g) for t, g in zip(total, gs)]
+                n += 1
+        if n == 0:
+            raise ValueError("AISARAH: full_closure yielded no losses")
+        return [t.div_(n) for t in total]
+
     @torch.no_grad()
     def step(self, closure: Callable, full_closure: Callable | None = None):
         if closure is None:
@@ -62,8 +82,7 @@ class AISARAH(torch.optim.Optimizer):
                 raise RuntimeError("AISARAH does not support sparse gradients")
         st = self.state[params[0]]
         if "v" not in st or st["restart"]:
-            _, v = self._grad(full_closure or closure, params, create_graph=False)
-            v = [g.detach() for g in v]
+            v = self._full_grad(full_closure or closure, params)
             if self._sync():
                 all_reduce_mean_(v)
             st["v"], st["v0_sq"], st["inner"], st["restart"] = v, sum(float(g.square().sum()) for g in v), 0, False
