@@ -41,8 +41,14 @@ def _selected(rows: list[dict], where: dict) -> list[dict]:
     return [r for r in rows if keep(r)]
 
 
+def plot_rows(spec: dict, rows: list[dict]) -> list[dict]:
+    """The rows a bar chart shows: those ``where`` selects with a number in some y column
+    (0 counts; a ratio chart then leaves out its non-positive bars, which a log axis cannot show)."""
+    return [r for r in _selected(rows, spec["where"]) if any(_number(r.get(y)) is not None for y in spec["y"])]
+
+
 def _bars(plt, spec: dict, rows: list[dict], title: str, path: str) -> bool:
-    rows = [r for r in _selected(rows, spec["where"]) if any(_number(r.get(y)) for y in spec["y"])]
+    rows = plot_rows(spec, rows)
     if not rows:
         return False
     ys, ratio = spec["y"], spec["kind"] == "ratio"
@@ -82,8 +88,8 @@ def _curves(plt, spec: dict, curves: dict, title: str, path: str) -> bool:
     if not curves:
         return False
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name, c in curves.items():
-        ax.plot(c["x"], c["y"], label=name, linewidth=1.0)
+    for i, (name, c) in enumerate(curves.items()):  # 10 colours, then the next line style
+        ax.plot(c["x"], c["y"], label=name, linewidth=1.0, linestyle=("-", "--", ":")[i // 10 % 3])
     ax.set_xlabel(spec["xlabel"])
     ax.set_ylabel(spec["ylabel"])
     ax.set_yscale("log")

@@ -30,6 +30,17 @@ def test_plot_spec_is_validated():
         Results("x", torch.device("cpu")).plot(["a"], label=["b"], kind="pie")
 
 
+def test_plot_rows_keep_zero_values_and_apply_where():
+    res = _results("rows")
+    ratio, value = res.plots[0], res.plots[1]
+    # the NaN / '' row has no number for the ratio chart; the 0.0 ratio row stays (its vs_foreach)
+    assert [(r["op"], r["n"]) for r in report.plot_rows(ratio, res.rows)] == [("dot", 8), ("axpby", 64)]
+    assert [(r["op"], r["n"]) for r in report.plot_rows(value, res.rows)] == [("axpby", 64)]
+    zero = dict(value, where={})
+    rows = [dict(op="a", n=1, GBps=0.0), dict(op="b", n=1, GBps="")]
+    assert report.plot_rows(zero, rows) == rows[:1]  # 0 is a value (exact match 0 is a result)
+
+
 def test_report_from_json_has_tables_and_plots(tmp_path):
     pytest.importorskip("matplotlib")
     for name in ("first", "second"):
