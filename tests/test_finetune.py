@@ -238,6 +238,7 @@ def test_cli_with_data_file_and_precisions(tmp_path):
         r = _results(out)
         assert r["before"]["em_samples"] == 4  # 10% of 40 held out
         assert torch.isfinite(torch.tensor(r["after"]["eval_loss"]))
+        assert r["train"]["fused_fallbacks"] == {}  # the fused layer ran under autocast
 
 
 @pytest.mark.parametrize("opt", ["adamw", "trcg", "sophiag", "oasis"])

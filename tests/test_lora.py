@@ -513,3 +513,42 @@ def test_lora_linear_under_autocast(device):
         assert g.dtype == e.dtype or g.dtype == torch.bfloat16
         err, err_plain = (g.float() - e).norm(), (p.float() - e).norm()
         assert err <= 2 * err_plain + 1e-6 * e.norm(), (err, err_plain)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16])
+def test_fused_layer_under_autocast(device, amp):
+    """fp32 model under autocast: x reaches a LoRA layer in fp32 (after a norm) or already in
+    the autocast dtype (after another autocast op). The fused layer takes both without falling
+    back to peft, returns autocast's dtype, and its error against the fp32 computation on the
+    same x values is at most twice that of peft under the same autocast (fp32 adapters: it
+    rounds them less)."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(48, 40, device=device)
+    base.weight.requires_grad_(False)
+    cfg = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False)
+    plain = peft_layer.Linear(base, "default", config=cfg, r=4, lora_alpha=8)
+    fused = copy.deepcopy(plain)
+    lnn.fuse_lora(fused)
+    assert type(fused) is lnn.LoraLinear
+    x0 = torch.randn(2, 5, 48, device=device)
+    for x_dtype in (torch.float32, amp):
+        x_vals = x0.to(x_dtype)
+
+        def run(layer, autocast, x_in):
+            x = x_in.detach().clone().requires_grad_()
+            layer.zero_grad(set_to_none=True)
+            with torch.autocast(device, dtype=amp, enabled=autocast):
+                y = layer(x)
+            y.float().square().sum().backward()
+            return [y.detach(), x.grad] + [p.grad for p in layer.parameters() if p.requires_grad]
+
+        lnn.reset_fallback_counts()
+        exact = [t.float() for t in run(plain, False, x_vals.float())]
+        got, ref = run(fused, True, x_vals), run(plain, True, x_vals)
+        assert lnn.fallback_counts() == {}, lnn.fallback_counts()
+        assert got[0].dtype == ref[0].dtype == amp and got[1].dtype == x_dtype
+        assert len(got) == len(ref) == 5  # y, dx, d lora_A, d lora_B, d bias
+        for g, r, e in zip(got, ref, exact):
+            err, err_peft = (g.float() - e).norm(), (r.float() - e).norm()
+            assert err <= 2 * err_peft + 1e-6 * e.norm(), (x_dtype, err, err_peft)

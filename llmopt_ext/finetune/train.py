@@ -550,6 +550,8 @@ def run(args) -> dict:
     from tqdm.auto import tqdm
     bar = tqdm(total=args.max_steps, initial=start, disable=d.rank != 0 or not args.progress,
                desc=f"finetune {args.optimizer}", dynamic_ncols=True)
+    from ..nn import fallback_counts, reset_fallback_counts
+    reset_fallback_counts()
     t0, tokens = time.perf_counter(), 0
     for step in range(start, args.max_steps):
         batches = [stream.next().to(device) for _ in range(args.grad_accum)]
@@ -579,6 +581,8 @@ def run(args) -> dict:
                         "tokens_per_s": tokens / max(train_time, 1e-9),
                         "final_loss": history[-1][1] if history else None,
                         "history": history}
+    if args.fused:  # forwards of the fused layer that ran peft's code instead (reason -> count)
+        results["train"]["fused_fallbacks"] = fallback_counts()
     if d.enabled:  # ranks must agree: the optimizers keep parameters identical
         import torch.distributed as dist
         flat = torch.cat([p.detach().float().reshape(-1) for p in params])

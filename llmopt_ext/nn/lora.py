@@ -4,8 +4,11 @@
   switching, ``merge``/``unmerge``/``safe_merge``, saving and loading are peft's own; only
   ``forward`` (and the merge arithmetic) change. A configuration the fused path does not
   cover — DoRA and the other variants, ``lora_bias``, several active adapters, a mixed
-  ``adapter_names`` batch, merged or disabled adapters, an x dtype other than the weight's —
-  runs peft's exact forward. Every fallback is counted (:func:`fallback_counts`) and the
+  ``adapter_names`` batch, merged or disabled adapters, an x dtype other than the weight's
+  outside autocast — runs peft's exact forward. Under ``torch.autocast`` (bf16/fp16) x, the
+  base weight and bias are cast to the autocast dtype, as autocast does for peft's base
+  ``F.linear``, and the fused op runs with autocast off on those inputs and the adapters in
+  their own dtype (fp32 adapters stay fp32, where autocast would round them to bf16). Every fallback is counted (:func:`fallback_counts`) and the
   first of each reason is reported with a warning; it is never silent.
 * :func:`use_fused_lora` registers the fused layer through peft's custom-module dispatch
   (``LoraConfig._register_custom_module``, peft 0.21). Its factory only takes plain
@@ -21,6 +24,7 @@ layers pass ``config=use_fused_lora(LoraConfig.from_pretrained(path))`` to
 from __future__ import annotations
 
 import collections
+import contextlib
 import warnings
 from typing import Any, Optional
 
@@ -63,6 +67,15 @@ def _record_fallback(reason: str) -> None:
         )
 
 
+def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype that applies to x's device (bf16/fp16), or None."""
+    kind = x.device.type
+    if not torch.is_autocast_enabled(kind):
+        return None
+    dt = torch.get_autocast_dtype(kind)
+    return dt if dt in (torch.bfloat16, torch.float16) else None
+
+
 def _dropout_p(module: nn.Module) -> Optional[float]:
     if isinstance(module, nn.Identity):
         return 0.0
@@ -96,10 +109,12 @@ class LoraLinear(peft_layer.Linear):
         weight = getattr(base, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dtype not in _FUSED_DTYPES or weight.dim() != 2:
             return None, "base weight not a float32/bfloat16/float16 matrix"
-        if x.dtype != weight.dtype:
+        amp = _autocast_dtype(x)  # under autocast x and W are both cast to its dtype
+        if amp is None and x.dtype != weight.dtype:
             return None, f"x dtype {x.dtype} != weight dtype {weight.dtype}"
+        compute = amp or x.dtype
         adt = self.lora_A[name].weight.dtype
-        if adt not in (torch.float32, x.dtype) or self.lora_B[name].weight.dtype != adt:
+        if adt not in (torch.float32, compute) or self.lora_B[name].weight.dtype != adt:
             return None, f"adapter dtype {adt} (expected float32 or x's dtype)"
         if _dropout_p(self.lora_dropout[name]) is None:
             return None, f"dropout module {type(self.lora_dropout[name]).__name__}"
@@ -111,10 +126,16 @@ class LoraLinear(peft_layer.Linear):
             _record_fallback(reason)
             return super().forward(x, *args, **kwargs)
         base = self.get_base_layer()
-        return lora_ops.lora_linear(
-            x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-            self.scaling[name], _dropout_p(self.lora_dropout[name]), self.training, self.fan_in_fan_out,
-        )
+        weight, bias = base.weight, base.bias
+        amp = _autocast_dtype(x)
+        with torch.autocast(x.device.type, enabled=False) if amp is not None else contextlib.nullcontext():
+            if amp is not None:
+                x, weight = x.to(amp), weight.to(amp)
+                bias = bias.to(amp) if bias is not None else None
+            return lora_ops.lora_linear(
+                x, weight, bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                self.scaling[name], _dropout_p(self.lora_dropout[name]), self.training, self.fan_in_fan_out,
+            )
 
     # ---- merge / unmerge with one rounding (peft rounds the delta, then the sum: peft#1388)
 
