@@ -11,11 +11,6 @@ triangular solve, m r^2 each).
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
-import types
-
 import torch
 
 from llmopt_ext import backend, ops
@@ -23,6 +18,7 @@ from llmopt_ext.ops import reference
 from llmopt_ext.optim import GoLoreAdamW
 
 from . import harness
+from .baselines import galore_torch
 from .harness import Results, measure
 
 
@@ -40,24 +36,7 @@ def qr_of_randn(m: int, r: int, device) -> torch.Tensor:
 
 
 def galore_adamw_class():
-    spec = importlib.util.find_spec("galore_torch")
-    if spec is None:
-        return None
-    try:
-        from galore_torch import GaLoreAdamW  # noqa: PLC0415
-
-        return GaLoreAdamW
-    except Exception:  # noqa: BLE001 - its __init__ needs bitsandbytes
-        pass
-    name = "_galore_torch_bare"
-    if name not in sys.modules:
-        pkg = types.ModuleType(name)
-        pkg.__path__ = list(spec.submodule_search_locations)
-        sys.modules[name] = pkg
-    try:
-        return importlib.import_module(name + ".adamw").AdamW
-    except Exception:  # noqa: BLE001
-        return None
+    return galore_torch("adamw", "AdamW")
 
 
 def run(device: torch.device, quick: bool = False) -> list[Results]:

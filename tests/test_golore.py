@@ -4,41 +4,19 @@ a step-by-step reference, state_dict resume, bf16 parameters, the GoLore counter
 DDP (2 gloo processes)."""
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import io
 import os
-import sys
 import tempfile
-import types
 
 import pytest
 import torch
 
+from bench.baselines import galore_torch
 from llmopt_ext.optim import GoLoreAdamW, SubspaceProjector
 
 
 def galore_projector_class():
-    """galore-torch's GaLoreProjector, or None. Its package __init__ imports bitsandbytes (for
-    the 8-bit optimizer); when that fails, load the projector module under a bare package."""
-    spec = importlib.util.find_spec("galore_torch")
-    if spec is None:
-        return None
-    try:
-        from galore_torch.galore_projector import GaLoreProjector  # noqa: PLC0415
-
-        return GaLoreProjector
-    except Exception:  # noqa: BLE001 - e.g. bitsandbytes missing
-        pass
-    name = "_galore_torch_bare"
-    if name not in sys.modules:
-        pkg = types.ModuleType(name)
-        pkg.__path__ = list(spec.submodule_search_locations)
-        sys.modules[name] = pkg
-    try:
-        return importlib.import_module(name + ".galore_projector").GaLoreProjector
-    except Exception:  # noqa: BLE001
-        return None
+    return galore_torch("galore_projector", "GaLoreProjector")
 
 
 def grads(shape, n, seed=0, dtype=torch.float32):

@@ -53,13 +53,7 @@ def lora_merge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor
     merged weight is the correctly rounded ``W + D`` (peft rounds ``D`` to W's dtype first
     and then rounds the sum again). No temporary of weight's size is allocated.
     """
-    op = "lora_merge_"
-    check_merge(op, weight, lora_A, lora_B, scaling, fan_in_fan_out)
-    chosen = backend.select(op, weight.device)
-    s = _scaling_tensor(scaling, weight.device)
-    if chosen == "reference":
-        return reference.lora_merge_(weight, lora_A, lora_B, s, fan_in_fan_out)
-    torch.ops.llmopt_ext.lora_merge_.default(weight, lora_A, lora_B, s, fan_in_fan_out)
+    _merge("lora_merge_", weight, lora_A, lora_B, scaling, fan_in_fan_out)
 
 
 def lora_unmerge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: Scalar,
@@ -67,13 +61,18 @@ def lora_unmerge_(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
     """In place ``weight -= scaling * lora_B @ lora_A``, with the same float32 delta as
     :func:`lora_merge_`. ``unmerge(merge(W))`` is within half an ulp of the merged value
     plus half an ulp of W of the original W (the merge's rounding is the only loss)."""
-    op = "lora_unmerge_"
+    _merge("lora_unmerge_", weight, lora_A, lora_B, scaling, fan_in_fan_out)
+
+
+def _merge(op: str, weight, lora_A, lora_B, scaling, fan_in_fan_out: bool) -> None:
+    """Checks, backend choice and call shared by lora_merge_ / lora_unmerge_ (``op``)."""
     check_merge(op, weight, lora_A, lora_B, scaling, fan_in_fan_out)
     chosen = backend.select(op, weight.device)
     s = _scaling_tensor(scaling, weight.device)
     if chosen == "reference":
-        return reference.lora_unmerge_(weight, lora_A, lora_B, s, fan_in_fan_out)
-    torch.ops.llmopt_ext.lora_unmerge_.default(weight, lora_A, lora_B, s, fan_in_fan_out)
+        getattr(reference, op)(weight, lora_A, lora_B, s, fan_in_fan_out)
+    else:
+        getattr(torch.ops.llmopt_ext, op).default(weight, lora_A, lora_B, s, fan_in_fan_out)
 
 
 # ---------------------------------------------------------------------------

@@ -33,6 +33,16 @@ def gnb_loss(logits: torch.Tensor, *, generator: torch.Generator | None = None,
     return F.cross_entropy(flat, labels, ignore_index=-100)
 
 
+
+def _check_sophia_hyper(lr, betas, rho, weight_decay, eps) -> None:
+    """The hyper-parameter checks SophiaG and SophiaH share."""
+    check_lr(lr)
+    check_beta("beta1", betas[0])
+    check_beta("beta2", betas[1])
+    check_pos("rho", rho)
+    check_nonneg("weight_decay", weight_decay)
+    check_nonneg("eps", eps)
+
 class _SophiaBase(torch.optim.Optimizer):
     _step_supports_amp_scaling = True  # GradScaler passes grad_scale / found_inf
     _name = "Sophia"
@@ -88,12 +98,7 @@ class SophiaG(_SophiaBase):
 
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
                  rho: float = 0.04, weight_decay: float = 1e-1, *, bs: int, eps: float = 1e-15):
-        check_lr(lr)
-        check_beta("beta1", betas[0])
-        check_beta("beta2", betas[1])
-        check_pos("rho", rho)
-        check_nonneg("weight_decay", weight_decay)
-        check_nonneg("eps", eps)
+        _check_sophia_hyper(lr, betas, rho, weight_decay, eps)
         check_pos("bs", bs)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay,
                                       bs=bs, eps=eps))
@@ -156,12 +161,7 @@ class SophiaH(_SophiaBase):
                  rho: float = 1e-2, weight_decay: float = 0.0, *, update_period: int = 10,
                  n_samples: int = 1, distribution: str = "gaussian", eps: float = 1e-12,
                  seed: int = 0, sync_grads: bool | None = None):
-        check_lr(lr)
-        check_beta("beta1", betas[0])
-        check_beta("beta2", betas[1])
-        check_pos("rho", rho)
-        check_nonneg("weight_decay", weight_decay)
-        check_nonneg("eps", eps)
+        _check_sophia_hyper(lr, betas, rho, weight_decay, eps)
         if update_period < 1 or n_samples < 1:
             raise ValueError("update_period and n_samples must be >= 1")
         if distribution not in ("gaussian", "rademacher"):
