@@ -292,7 +292,8 @@ def test_llmopt_trainer_every_optimizer(tmp_path, tokenizer, opt):
                                              task_type="CAUSAL_LM"))
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
-    args = build_parser().parse_args(["--optimizer", opt, "--lora-r", "4", "--cg-iters", "3"])
+    args = build_parser().parse_args(["--optimizer", opt, "--lora-r", "4", "--cg-iters", "3",
+                                      "--hessian-every", "2"])
     optimizer = make_optimizer(opt, params, args, total_steps=3)
     exs = D.encode_dataset(tokenizer, D.generate_dataset(24, seed=2), "compact", 128)
     pad = D.pad_id(tokenizer)
@@ -305,7 +306,7 @@ def test_llmopt_trainer_every_optimizer(tmp_path, tokenizer, opt):
                               report_to=[], use_cpu=True, logging_steps=1, save_strategy="no",
                               remove_unused_columns=False, disable_tqdm=True)
     trainer = LlmoptTrainer(model=model, args=targs, train_dataset=exs, data_collator=collator,
-                            optimizers=(optimizer, None), sophiag_hessian_every=2)
+                            optimizers=(optimizer, None))
     out = trainer.train()
     assert out.global_step == 3 and torch.isfinite(torch.tensor(out.training_loss))
     assert any(not torch.equal(a, p.detach()) for a, p in zip(before, params))

@@ -19,13 +19,18 @@ The Trainer's loop is ``loss = training_step(...)`` (forward + backward), then c
                             train_dataset=ds, data_collator=collator, optimizers=(opt, None))
     trainer.train()
 
+How each optimizer is driven is its own declaration (:mod:`llmopt_ext.optim.driver`): the
+trainer reads the contract, never the optimizer's type, so any ``torch.optim.Optimizer``
+(AdamW, Prodigy, ...) works, driven like AdamW.
+
 Rules it enforces: pass the optimizer instance through ``optimizers=(opt, None)``; gradient
-clipping is switched off for the second-order optimizers (it would distort the curvature
+clipping is switched off for optimizers that do not accept it (it would distort the curvature
 pairs; a warning says so); closure optimizers need ``gradient_accumulation_steps=1`` (the
 closure is one batch); use ``attn_implementation="eager"`` (SDPA kernels have no double
-backward). SophiaG's GNB Hessian refresh runs every ``sophiag_hessian_every`` optimizer steps
-(default 10) on the current batch. ``TRCG``/``AISARAH`` have no learning rate: their param
-groups get an ``lr`` of 0 so the Trainer's scheduler and logs work (the optimizers ignore it).
+backward). An optimizer's ``step_kwargs`` / ``after_step`` get a ``StepContext`` of the
+current batch (SophiaG: its token count, and its GNB Hessian refresh every ``update_period``
+steps). Learning-rate-free optimizers (``TRCG``, ``AISARAH``) get an ``lr`` of 0 in their
+param groups so the Trainer's scheduler and logs work (the optimizers ignore it).
 Single process (DDP for these optimizers: use ``llmopt-finetune`` under torchrun).
 """
 from __future__ import annotations
@@ -35,92 +40,79 @@ import warnings
 import torch
 from transformers import Trainer
 
-from .. import optim as O
-
-_GRAPH = (O.AdaHessian, O.SophiaH)
-_CLOSURE_LOSS = (O.TRCG, O.AISARAH)  # closure returns the loss, no backward
-
-
-def optimizer_kind(opt) -> str:
-    """'plain', 'sophiag', 'graph' (create_graph backward), 'closure' or 'oasis'."""
-    if isinstance(opt, O.SophiaG):
-        return "sophiag"
-    if isinstance(opt, _GRAPH):
-        return "graph"
-    if isinstance(opt, _CLOSURE_LOSS):
-        return "closure"
-    if isinstance(opt, O.OASIS):
-        return "oasis"
-    return "plain"
+from ..optim import driver
 
 
 class LlmoptTrainer(Trainer):
-    """``Trainer`` whose ``training_step`` drives llmopt_ext's second-order optimizers (module doc)."""
+    """``Trainer`` whose ``training_step`` drives any optimizer by its contract (module doc)."""
 
-    def __init__(self, *args, sophiag_hessian_every: int = 10, **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         opt = self.optimizer
         self._llmopt_opt = opt
-        self._llmopt_kind = optimizer_kind(opt) if opt is not None else "plain"
-        self._sophiag_every = sophiag_hessian_every
-        self._sophiag_last = -1
-        kind = self._llmopt_kind
-        if kind in ("graph", "closure", "oasis") and self.args.max_grad_norm:
+        self._llmopt_ctx = driver.StepContext()
+        if opt is None:
+            return
+        if self.args.max_grad_norm and not driver.accepts_grad_clipping(opt):
             warnings.warn(f"LlmoptTrainer: gradient clipping disabled for {type(opt).__name__} "
                           f"(max_grad_norm {self.args.max_grad_norm} -> 0)")
             self.args.max_grad_norm = 0.0
-        if kind in ("closure", "oasis"):
+        step = type(opt).step.__get__(opt)
+        if driver.is_closure_driven(opt):
             if self.args.gradient_accumulation_steps != 1:
                 raise ValueError(f"{type(opt).__name__} steps with a closure over one batch: "
                                  "use gradient_accumulation_steps=1 (raise the batch size instead)")
-            for g in opt.param_groups:
-                g.setdefault("lr", 0.0)
-            # the real step runs in training_step; the Trainer's own optimizer.step() is a no-op
-            self._llmopt_step = type(opt).step.__get__(opt)
-            opt.step = lambda *a, **k: None
+            if driver.lr_free(opt):
+                for g in opt.param_groups:
+                    g.setdefault("lr", 0.0)
+            # the real step (with a closure) runs in training_step; the Trainer's own
+            # optimizer.step() (no closure) is a no-op
+            opt.step = lambda closure=None, **k: None if closure is None else step(closure, **k)
+        else:
+            # the Trainer calls optimizer.step() after clipping: add the step's context and
+            # the optimizer's after_step hook, and free a graph kept by the backward
+            def step_with_context(*a, **k):
+                out = step(*a, **{**driver.step_kwargs(opt, self._llmopt_ctx), **k})
+                if self._llmopt_graph:
+                    opt.zero_grad(set_to_none=True)
+                driver.after_step(opt, self._llmopt_ctx)
+                self._llmopt_ctx = driver.StepContext()
+                return out
+            opt.step = step_with_context
+        self._llmopt_graph = False
 
     def _loss(self, model, inputs) -> torch.Tensor:
         with self.compute_loss_context_manager():
             return self.compute_loss(model, inputs)
 
+    def _context(self, model, inputs) -> driver.StepContext:
+        """The current micro-batch's tokens (accumulated over the step) and logits."""
+        labels = inputs.get("labels")
+        n = self._llmopt_ctx.n_tokens or 0
+        if labels is not None:
+            n += int((labels != -100).sum())
+
+        def logits():
+            fwd = {k: v for k, v in inputs.items() if k != "labels"}
+            with self.compute_loss_context_manager():
+                out = model(**fwd).logits
+            return out, (labels == -100 if labels is not None else None)
+        return driver.StepContext(n_tokens=n or None, logits=logits)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
-        kind, opt = self._llmopt_kind, self._llmopt_opt
-        if kind == "plain":
+        opt = self._llmopt_opt
+        if opt is None:
             return super().training_step(model, inputs, num_items_in_batch)
         inputs = self._prepare_inputs(inputs)
-        if kind == "sophiag":
-            step = self.state.global_step
-            if step > 0 and step % self._sophiag_every == 0 and self._sophiag_last != step:
-                # grads were zeroed after the last step: refresh before this step's backward
-                self._sophiag_last = step
-                model.train()
-                fwd = {k: v for k, v in inputs.items() if k != "labels"}
-                with self.compute_loss_context_manager():
-                    logits = model(**fwd).logits
-                mask = inputs["labels"] == -100 if "labels" in inputs else None
-                opt.update_hessian_from_logits(logits, ignore_mask=mask)
+        self._llmopt_ctx = self._context(model, inputs)
+        if driver.is_closure_driven(opt):
+            # the closure is re-evaluated at other weights: no dropout when it must be deterministic
+            model.train(not driver.deterministic_closure(opt))
+            return driver.drive_step(opt, lambda: self._loss(model, inputs), ctx=self._llmopt_ctx)
+        self._llmopt_graph = driver.needs_graph(opt)
+        if not self._llmopt_graph:
             return super().training_step(model, inputs, num_items_in_batch)
-        if kind == "graph":
-            model.train()
-            graph = True
-            if isinstance(opt, O.SophiaH):
-                graph = opt.param_groups[0].get("step_count", 0) % opt.update_period == 0
-            loss = self._loss(model, inputs) / self.current_gradient_accumulation_steps
-            loss.backward(create_graph=graph)
-            return loss.detach()
-        if kind == "closure":
-            model.eval()  # the closure is re-evaluated at the trial point: no dropout
-            loss = self._llmopt_step(lambda: self._loss(model, inputs))
-            return loss.detach()
-        # OASIS: the closure runs its own create_graph backward, at w_k and (same-batch gradient
-        # difference, the default) at w_{k-1}: it must be deterministic, so no dropout
-
-        def closure():
-            opt.zero_grad(set_to_none=True)
-            loss = self._loss(model, inputs)
-            loss.backward(create_graph=True)
-            return loss
-        model.eval()
-        loss = self._llmopt_step(closure)
-        opt.zero_grad(set_to_none=True)  # drop the graph held by .grad
+        model.train()
+        loss = self._loss(model, inputs) / self.current_gradient_accumulation_steps
+        loss.backward(create_graph=True)
         return loss.detach()

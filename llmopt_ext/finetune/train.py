@@ -1,24 +1,18 @@
-"""The fine-tuning loop behind ``llmopt-finetune``: model and LoRA set-up, one step function per
-optimizer family, evaluation (loss and greedy exact match), checkpoints, and the outputs.
+"""The fine-tuning loop behind ``llmopt-finetune``, in four steps with one job each:
 
-Optimizer families (each optimizer's docstring is the authority):
+1. :func:`resolve_options` / :func:`prepare_data`: the run's options (a copy of the CLI's, with
+   the defaults that depend on the data and the optimizer filled in) and its train/eval split;
+2. :func:`build_model`: the base model, its tokenizer and the LoRA adapters;
+3. :func:`train_loop`: the steps, each one :func:`llmopt_ext.optim.drive_step` call (how an
+   optimizer is driven is declared by its class: :mod:`llmopt_ext.optim.driver`), with
+   checkpoints;
+4. :func:`write_outputs`: evaluation after training, adapter, results.json, loss curve, merge.
 
-* plain backward: ``adamw``, ``golore`` (:class:`~llmopt_ext.optim.GoLoreAdamW` on the LoRA
-  matrices, rank r/2 so both A (r x in) and B (out x r) are projected), ``sophiag`` (+ a GNB
-  Hessian refresh every ``--hessian-every`` steps, :func:`~llmopt_ext.optim.gnb_loss` on the
-  batch's own logits);
-* backward with ``create_graph=True``: ``adahessian`` (every step) and ``sophiah`` (on the steps
-  that refresh its Hutchinson estimate);
-* closure: ``trcg`` and ``aisarah`` (closure returns the loss, no backward; called again at the
-  trial point, so the model runs in eval mode -- no dropout -- to keep it deterministic),
-  ``oasis`` (closure does zero_grad + backward(create_graph=True)).
-
-Hessian-vector products need double backward through attention: the model is loaded with
-``attn_implementation="eager"`` for the second-order optimizers (SDPA's fused CPU/CUDA kernels
-have no double backward, see BUILD-NOTES).
+:func:`run` chains them. Optimizer names are known only to :mod:`.optimizers`.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -28,27 +22,15 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
+from ..optim import driver
 from . import data as D
+from .checkpoint import load_checkpoint, save_checkpoint, trainable
+from .evaluate import evaluate, greedy_generate
+from .optimizers import (OPTIMIZERS, UsageError, build_optimizer, check_optimizer_options,
+                         make_scheduler, optimizer_class)
 
-OPTIMIZERS = ("adamw", "trcg", "sophiag", "sophiah", "adahessian", "oasis", "aisarah", "golore")
-HVP_OPTIMIZERS = ("trcg", "sophiah", "adahessian", "oasis", "aisarah")
-CLOSURE_OPTIMIZERS = ("trcg", "aisarah", "oasis")
-NO_LR = ("trcg", "aisarah")  # tuning-free: no learning rate at all
-# Default learning rates (eta_0 for OASIS). AdamW / GoLore: 2e-3. bench/bench_finetune.py's
-# sweep on the embedded task (300 steps, cosine): eval loss 1.07 / 0.707 / 0.371 / 0.355 at
-# 5e-4 / 1e-3 / 2e-3 / 5e-3, so 2e-3 is within 5% of the best and a step below the largest
-# rate tried. The others are their papers' / official code's defaults, except SophiaG (1e-4 is
-# a pretraining value; 2e-3 keeps its per-element step bound equal to AdamW's).
-DEFAULT_LR = {"adamw": 2e-3, "golore": 2e-3, "sophiag": 2e-3, "sophiah": 6e-2,
-              "adahessian": 0.15, "oasis": 1e-3}
-# Only these support fp16's GradScaler (they read grad_scale / found_inf or are plain AdamW).
-FP16_OPTIMIZERS = ("adamw", "golore", "sophiag", "adahessian")
-
-
-class UsageError(ValueError):
-    """A bad combination of options: the message says what to change."""
+__all__ = ["run", "OPTIMIZERS", "UsageError", "make_optimizer"]
 
 
 def log(msg: str, rank: int = 0) -> None:
@@ -110,7 +92,9 @@ def load_model(args, device: torch.device):
                          "with config.json and the weights is expected)")
     tokenizer = AutoTokenizer.from_pretrained(path)
     kwargs: dict = {}
-    if args.optimizer in HVP_OPTIMIZERS:
+    if driver.uses_hvp(optimizer_class(args.optimizer)):
+        # Hessian-vector products need double backward, which SDPA's fused CPU/CUDA
+        # attention kernels do not have
         kwargs["attn_implementation"] = "eager"
     if args.load_in_4bit:
         if device.type != "cuda":
@@ -151,80 +135,13 @@ def add_lora(model, args):
     return get_peft_model(model, cfg)
 
 
-# ------------------------------------------------------------------------------- optimizers
 
-def make_optimizer(name: str, params: list, args, total_steps: int):
-    from .. import optim as O
-
-    lr = args.lr if args.lr is not None else DEFAULT_LR.get(name)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
-    if name == "golore":
-        return O.GoLoreAdamW(params, lr=lr, weight_decay=args.weight_decay,
-                             rank=max(1, args.lora_r // 2), update_proj_gap=50,
-                             total_steps=total_steps, seed=args.seed)
-    if name == "sophiag":
-        return O.SophiaG(params, lr=lr, weight_decay=args.weight_decay, bs=1)
-    if name == "sophiah":
-        return O.SophiaH(params, lr=lr, weight_decay=args.weight_decay,
-                         update_period=args.hessian_every, seed=args.seed)
-    if name == "adahessian":
-        return O.AdaHessian(params, lr=lr, weight_decay=args.weight_decay, seed=args.seed)
-    if name == "oasis":
-        return O.OASIS(params, lr=lr, seed=args.seed)
-    if name == "aisarah":
-        return O.AISARAH(params)
-    if name == "trcg":
-        return O.TRCG(params, preconditioner="abs_grad_ema", max_cg_iters=args.cg_iters)
-    raise UsageError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
-
-
-SCHEDULED = ("adamw", "golore", "sophiag", "sophiah", "adahessian")  # OASIS adapts its own step
-
-
-def make_scheduler(opt, args):
-    """Linear warmup over 3% of the steps, then cosine decay to 0 (``--lr-schedule cosine``,
-    the default) or constant, for the optimizers with a learning rate (OASIS' lr is only its
-    first step). On the embedded task with AdamW at 2e-3, 600 steps: the constant rate
-    plateaus from step ~300 at train loss ~0.35 (eval loss 0.3082, exact match 0.750); cosine:
-    eval loss 0.3078, exact match 0.765."""
-    if args.lr_schedule == "constant" or args.optimizer not in SCHEDULED:
-        return None
-    total, warm = args.max_steps, max(1, int(0.03 * args.max_steps))
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-def anchor_batches(examples: list[dict], args, pad: int, d: Dist, device) -> list[D.Batch]:
-    """AI-SARAH's stand-in for the full-data gradient: ``--aisarah-anchor`` training examples
-    drawn once (seeded), this rank's share, in batches of ``--batch-size``. A mini-batch
-    gradient as the outer-loop start carries its noise through every inner step. Embedded
-    task, 300 steps, batch 16: eval loss 1.50 with the mini-batch start, 1.35 with a
-    256-example anchor. Restarting more often (max_inner 25 or 100 instead of 1000) changed
-    the training loss by < 10%: what limits AI-SARAH here is its direction, a variance-reduced
-    raw gradient (SGD-like, no per-coordinate scaling), at the ~1e-2 step its curvature rule
-    picks."""
-    if args.optimizer != "aisarah" or args.aisarah_anchor <= 0:
-        return []
-    g = torch.Generator().manual_seed(args.seed * 1000003 + 7)
-    picked = torch.randperm(len(examples), generator=g)[:args.aisarah_anchor].tolist()
-    mine = picked[d.rank::d.world_size]
-    return [D.collate([examples[i] for i in mine[j:j + args.batch_size]], pad).to(device)
-            for j in range(0, len(mine), args.batch_size)]
-
+# ------------------------------------------------------------------------------- options, data
 
 def check_options(args) -> None:
     if args.optimizer not in OPTIMIZERS:
         raise UsageError(f"unknown optimizer {args.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
-    if args.lr is not None and args.optimizer in NO_LR:
-        raise UsageError(f"--lr: {args.optimizer} has no learning rate (it is tuning-free)")
-    if args.precision == "fp16" and args.optimizer not in FP16_OPTIMIZERS:
-        raise UsageError(f"--precision fp16 needs a GradScaler, which {args.optimizer} does not "
-                         f"support here (supported: {', '.join(FP16_OPTIMIZERS)}); use bf16 or fp32")
+    check_optimizer_options(args)
     if args.aisarah_anchor < 0:
         raise UsageError("--aisarah-anchor must be >= 0")
     for k in ("max_steps", "batch_size", "grad_accum", "lora_r", "max_length"):
@@ -234,204 +151,221 @@ def check_options(args) -> None:
         raise UsageError("--lora-dropout must be in [0, 1)")
 
 
-# ------------------------------------------------------------------------------- the steps
+def resolve_options(args) -> argparse.Namespace:
+    """A checked copy of the CLI options with the defaults that depend on other options filled
+    in (``args`` itself is not changed); the notes say what was changed and why."""
+    check_options(args)
+    opts = argparse.Namespace(**vars(args))
+    opts.notes = []
+    opts.template = args.template or ("compact" if not args.model else "alpaca")
+    if driver.deterministic_closure(optimizer_class(args.optimizer)) and args.lora_dropout > 0:
+        opts.notes.append(f"{args.optimizer} re-evaluates its closure, which must be "
+                          "deterministic: LoRA dropout set to 0")
+        opts.lora_dropout = 0.0
+    return opts
+
+
+@dataclass
+class Split:
+    train: list[dict]
+    eval: list[dict]
+
+
+def prepare_data(opts) -> Split:
+    """The train/eval records: a seeded 10% split (capped at --eval-size) of --data, or the
+    embedded generated task with a held-out set drawn from another seed stream."""
+    if opts.data:
+        records = D.load_alpaca(opts.data)
+        order = list(range(len(records)))
+        random.Random(opts.seed).shuffle(order)
+        n_eval = min(opts.eval_size, max(1, len(records) // 10)) if len(records) > 1 else 0
+        train = [records[i] for i in order[n_eval:]] or records
+        return Split(train, [records[i] for i in order[:n_eval]])
+    return Split(D.generate_dataset(opts.train_size, seed=opts.seed),
+                 D.generate_dataset(opts.eval_size, seed=opts.seed + 1_000_003))
+
+
+# ------------------------------------------------------------------------------- the run
+
+@dataclass
+class Run:
+    """Everything the loop and the outputs share."""
+    opts: argparse.Namespace
+    dist: Dist
+    device: torch.device
+    model: object
+    tokenizer: object
+    split: Split
+    train_ex: list[dict]
+    eval_ex: list[dict]
+    results: dict = field(default_factory=dict)
+
+    @property
+    def pad(self) -> int:
+        return D.pad_id(self.tokenizer)
+
+
+def build_model(opts, dist: Dist, device: torch.device, split: Split) -> Run:
+    model, tokenizer = load_model(opts, device)
+    train_ex = D.encode_dataset(tokenizer, split.train, opts.template, opts.max_length,
+                                what=opts.data or "embedded dataset")
+    eval_ex = D.encode_dataset(tokenizer, split.eval, opts.template, opts.max_length,
+                               what="eval split") if split.eval else []
+    model = add_lora(model, opts)
+    n_train = sum(p.numel() for p in trainable(model).values())
+    n_all = sum(p.numel() for p in model.parameters())
+    log(f"model {opts.model or 'embedded base'}: {n_all:,} parameters, {n_train:,} trainable "
+        f"(LoRA r={opts.lora_r}, {'fused' if opts.fused else 'peft'} layer); "
+        f"{len(train_ex)} train / {len(eval_ex)} eval examples; device {device}, "
+        f"precision {opts.precision}, optimizer {opts.optimizer}", dist.rank)
+    return Run(opts, dist, device, model, tokenizer, split, train_ex, eval_ex)
+
+
+def make_optimizer(name: str, params: list, opts, total_steps: int):
+    """The optimizer ``--optimizer name`` builds from the options (see :mod:`.optimizers`)."""
+    return build_optimizer(name, params, opts, total_steps)
+
+
+def autocast(opts, device: torch.device):
+    if opts.precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if opts.precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
 
 class Stepper:
-    """One optimizer step over ``grad_accum`` micro-batches, for every optimizer family."""
+    """One optimizer step over ``grad_accum`` micro-batches: the batches' loss functions and
+    the step context, handed to :func:`llmopt_ext.optim.drive_step`."""
 
-    def __init__(self, args, model, ddp_model, opt, device, scaler, anchor=None):
-        self.args, self.model, self.fwd, self.opt = args, model, ddp_model, opt
-        self.device, self.scaler = device, scaler
-        self.anchor = anchor or []  # AI-SARAH's outer-loop batches
-        self.name = args.optimizer
-        self.step_idx = 0
-        self.gnb_gen = torch.Generator(device=device).manual_seed(args.seed + 17)
+    def __init__(self, r: Run, fwd, opt, scaler):
+        self.r, self.fwd, self.opt, self.scaler = r, fwd, opt, scaler
+        self._anchor: list[D.Batch] | None = None  # built when an optimizer first asks for it
 
-    def autocast(self):
-        if self.args.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.args.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+    def full_loss(self):
+        if self._anchor is None:
+            self._anchor = anchor_batches(self.r)
+        return (self.loss_of(b) for b in self._anchor)
 
-    def loss_of(self, b: D.Batch, model=None) -> torch.Tensor:
-        with self.autocast():
-            out = (model or self.fwd)(input_ids=b.input_ids, attention_mask=b.attention_mask,
-                                      labels=b.labels)
+    def loss_of(self, b: D.Batch) -> torch.Tensor:
+        with autocast(self.r.opts, self.r.device):
+            out = self.fwd(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels)
         return out.loss.float()
 
+    def logits_of(self, b: D.Batch):
+        with autocast(self.r.opts, self.r.device):
+            logits = self.fwd(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+        return logits, b.labels == D.IGNORE_INDEX
+
     def __call__(self, batches: list[D.Batch]) -> float:
-        n, name, opt = len(batches), self.name, self.opt
-        if name in ("trcg", "aisarah"):
-            def closure():
-                return sum(self.loss_of(b) for b in batches) / n
-            if name == "aisarah" and self.anchor:
-                loss = opt.step(closure, full_closure=lambda: (self.loss_of(b) for b in self.anchor))
-            else:
-                loss = opt.step(closure)
-        elif name == "oasis":
-            def closure():
-                opt.zero_grad(set_to_none=True)
-                total = sum(self.loss_of(b) for b in batches) / n
-                total.backward(create_graph=True)
-                return total
-            loss = opt.step(closure)
-        else:
-            if name == "adahessian":
-                graph = True
-            elif name == "sophiah":
-                graph = opt.param_groups[0].get("step_count", 0) % opt.update_period == 0
-            else:
-                graph = False
-            opt.zero_grad(set_to_none=True)
-            total = 0.0
-            for b in batches:
-                loss_t = self.loss_of(b) / n
-                (self.scaler.scale(loss_t) if self.scaler else loss_t).backward(create_graph=graph)
-                total += loss_t.detach()
-            loss = total
-            kw = {}
-            if name == "sophiag":
-                kw["bs"] = sum(int((b.labels != D.IGNORE_INDEX).sum()) for b in batches)
-            if name in ("adamw", "golore") and self.args.max_grad_norm > 0:
-                if self.scaler:
-                    self.scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(
-                    [p for g in opt.param_groups for p in g["params"]], self.args.max_grad_norm)
-            if self.scaler:
-                self.scaler.step(opt, **kw)
-                self.scaler.update()
-            else:
-                opt.step(**kw)
-            if graph:  # drop the graph held by .grad before the next forward
-                opt.zero_grad(set_to_none=True)
-            if name == "sophiag" and (self.step_idx + 1) % self.args.hessian_every == 0:
-                b = batches[0]
-                with self.autocast():
-                    logits = self.fwd(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
-                opt.update_hessian_from_logits(logits, generator=self.gnb_gen,
-                                               ignore_mask=b.labels == D.IGNORE_INDEX)
-        self.step_idx += 1
-        return float(loss.detach() if torch.is_tensor(loss) else loss)
+        ctx = driver.StepContext(
+            n_tokens=sum(int((b.labels != D.IGNORE_INDEX).sum()) for b in batches),
+            logits=lambda: self.logits_of(batches[0]),
+            full_loss=self.full_loss if self.r.opts.aisarah_anchor > 0 else None)
+        loss = driver.drive_step(self.opt, [lambda b=b: self.loss_of(b) for b in batches],
+                                 scaler=self.scaler, max_grad_norm=self.r.opts.max_grad_norm, ctx=ctx)
+        return float(loss)
 
 
-# ------------------------------------------------------------------------------- evaluation
-
-@torch.no_grad()
-def eval_loss(model, examples: list[dict], pad: int, device, batch_size: int = 32) -> float:
-    """Token-weighted mean cross-entropy over the response tokens of ``examples``."""
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        b = D.collate(examples[i:i + batch_size], pad).to(device)
-        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.float()
-        lab = b.labels[:, 1:]
-        ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), lab.reshape(-1),
-                             ignore_index=D.IGNORE_INDEX, reduction="sum")
-        total += float(ce)
-        count += int((lab != D.IGNORE_INDEX).sum())
-    return total / max(count, 1)
-
-
-@torch.no_grad()
-def greedy_generate(model, tokenizer, prompts: list[list[int]], device, max_new_tokens: int,
-                    batch_size: int = 64) -> list[list[int]]:
-    """Greedy decoding of left-padded batches (explicit position ids, so padding does not shift
-    positions); no KV cache: the sequences are short (<= ~100 tokens here)."""
-    model.eval()
-    pad, eos = D.pad_id(tokenizer), tokenizer.eos_token_id
-    outs: list[list[int]] = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        n = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), n), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), n), dtype=torch.long)
-        for j, p in enumerate(chunk):
-            ids[j, n - len(p):] = torch.tensor(p)
-            mask[j, n - len(p):] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
-        gen = []
-        for _ in range(max_new_tokens):
-            pos = (mask.cumsum(1) - 1).clamp(min=0)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
-            nxt = logits.argmax(-1)
-            if eos is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
-                done |= nxt == eos
-            gen.append(nxt)
-            ids = torch.cat([ids, nxt[:, None]], 1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            if bool(done.all()):
-                break
-        g = torch.stack(gen, 1).tolist()
-        for row in g:
-            outs.append(row[:row.index(eos)] if eos is not None and eos in row else row)
-    return outs
+def anchor_batches(r: Run) -> list[D.Batch]:
+    """A stand-in for the full-data gradient (AI-SARAH's outer loop, through
+    ``StepContext.full_loss``): ``--aisarah-anchor`` training examples drawn once (seeded), this
+    rank's share, in batches of ``--batch-size``. A mini-batch gradient as the outer-loop start
+    carries its noise through every inner step. Embedded task, 300 steps, batch 16: AI-SARAH's
+    eval loss 1.50 with the mini-batch start, 1.35 with a 256-example anchor. Restarting more
+    often (max_inner 25 or 100 instead of 1000) changed the training loss by < 10%: what limits
+    AI-SARAH here is its direction, a variance-reduced raw gradient (SGD-like, no per-coordinate
+    scaling), at the ~1e-2 step its curvature rule picks."""
+    o, d = r.opts, r.dist
+    g = torch.Generator().manual_seed(o.seed * 1000003 + 7)
+    picked = torch.randperm(len(r.train_ex), generator=g)[:o.aisarah_anchor].tolist()
+    mine = picked[d.rank::d.world_size]
+    return [D.collate([r.train_ex[i] for i in mine[j:j + o.batch_size]], r.pad).to(r.device)
+            for j in range(0, len(mine), o.batch_size)]
 
 
-def exact_match(model, tokenizer, records: list[dict], template: str, device,
-                max_new_tokens: int) -> tuple[float, dict]:
-    prompts = [tokenizer(D.format_prompt(r, template), add_special_tokens=True)["input_ids"]
-               for r in records]
-    outs = greedy_generate(model, tokenizer, prompts, device, max_new_tokens)
-    per: dict[str, list[int]] = {}
-    for r, o in zip(records, outs):
-        ok = tokenizer.decode(o, skip_special_tokens=True).strip() == r["output"].strip()
-        per.setdefault(r.get("task", "file"), []).append(int(ok))
-    allv = [v for vs in per.values() for v in vs]
-    return sum(allv) / max(len(allv), 1), {k: sum(v) / len(v) for k, v in sorted(per.items())}
+@dataclass
+class Trainer:
+    opt: object
+    sched: object
+    scaler: object
+    stream: D.BatchStream
+    stepper: Stepper
+    start: int = 0
+    history: list = field(default_factory=list)
 
 
-def evaluate(model, tokenizer, args, eval_records, eval_examples, device) -> dict:
-    was_training = model.training
-    loss = eval_loss(model, eval_examples, D.pad_id(tokenizer), device)
-    em_records = eval_records[:args.em_samples]
-    acc, per = exact_match(model, tokenizer, em_records, args.template, device, args.max_new_tokens)
-    model.train(was_training)
-    return {"eval_loss": loss, "exact_match": acc, "exact_match_by_task": per,
-            "em_samples": len(em_records)}
+def setup_training(r: Run) -> Trainer:
+    o, d = r.opts, r.dist
+    params = list(trainable(r.model).values())
+    opt = make_optimizer(o.optimizer, params, o, o.max_steps)
+    sched = make_scheduler(opt, o)
+    scaler = torch.amp.GradScaler(r.device.type) if o.precision == "fp16" else None
+    fwd = r.model
+    if d.enabled and not driver.uses_hvp(opt):
+        # HVP optimizers average gradients (and HVPs) themselves and need the local graph,
+        # so they must NOT be wrapped (their docstrings)
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        fwd = DDP(r.model, device_ids=[r.device.index] if r.device.type == "cuda" else None)
+    stream = D.BatchStream(r.train_ex, o.batch_size, r.pad, o.seed, d.rank, d.world_size)
+    t = Trainer(opt, sched, scaler, stream, Stepper(r, fwd, opt, scaler))
+    if o.resume:
+        t.start, t.history, extra = load_checkpoint(o.resume, r.model, opt, scaler, stream)
+        if sched is not None and extra.get("sched"):
+            sched.load_state_dict(extra["sched"])
+        log(f"resumed from {o.resume} at step {t.start}", d.rank)
+    return t
 
 
-# ------------------------------------------------------------------------------- checkpoints
-
-def trainable(model) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def save_checkpoint(path, model, opt, scaler, stream, step, history, extra=None) -> None:
-    os.makedirs(path, exist_ok=True)
-    tmp = os.path.join(path, "state.pt.tmp")
-    torch.save({"step": step, "params": {n: p.detach().cpu() for n, p in trainable(model).items()},
-                "optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                "stream": stream.state_dict(), "history": history, "extra": extra or {},
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}},
-               tmp)
-    os.replace(tmp, os.path.join(path, "state.pt"))  # never a half-written checkpoint
+def _checkpoint(r: Run, t: Trainer, step: int) -> None:
+    save_checkpoint(os.path.join(r.opts.output_dir, "checkpoint"), r.model, t.opt, t.scaler,
+                    t.stream, step, t.history, {"sched": t.sched.state_dict() if t.sched else None})
 
 
-def load_checkpoint(path, model, opt, scaler, stream) -> tuple[int, list, dict]:
-    f = os.path.join(path, "state.pt")
-    if not os.path.exists(f):
-        raise UsageError(f"--resume {path}: no checkpoint (state.pt) there")
-    ck = torch.load(f, map_location="cpu", weights_only=False)
-    params = trainable(model)
-    missing = set(params) ^ set(ck["params"])
-    if missing:
-        raise UsageError(f"--resume {path}: the checkpoint's trainable parameters do not match "
-                         f"this model/LoRA configuration (e.g. {sorted(missing)[:3]})")
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(ck["params"][n])
-    opt.load_state_dict(ck["optimizer"])
-    if scaler and ck["scaler"]:
-        scaler.load_state_dict(ck["scaler"])
-    stream.load_state_dict(ck["stream"])
-    torch.set_rng_state(ck["rng"]["torch"])
-    random.setstate(ck["rng"]["python"])
-    if ck["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
-    return ck["step"], ck["history"], ck.get("extra", {})
+def train_loop(r: Run, t: Trainer) -> dict:
+    """The steps from ``t.start`` to --max-steps; returns the run's training summary."""
+    o, d = r.opts, r.dist
+    # a closure re-evaluated at trial points must be deterministic: no dropout anywhere
+    r.model.train(not driver.deterministic_closure(t.opt))
+    from tqdm.auto import tqdm
+    from ..nn import fallback_counts, reset_fallback_counts
+    bar = tqdm(total=o.max_steps, initial=t.start, disable=d.rank != 0 or not o.progress,
+               desc=f"finetune {o.optimizer}", dynamic_ncols=True)
+    reset_fallback_counts()
+    t0, tokens = time.perf_counter(), 0
+    for step in range(t.start, o.max_steps):
+        batches = [t.stream.next().to(r.device) for _ in range(o.grad_accum)]
+        try:
+            loss = t.stepper(batches)
+        except Exception as e:  # name the step: optimizer failures are otherwise context-free
+            raise RuntimeError(f"{o.optimizer} step {step + 1} failed: {type(e).__name__}: {e}") from e
+        if t.sched is not None:
+            t.sched.step()
+        if not math.isfinite(loss):
+            log(f"warning: non-finite loss {loss} at step {step}", d.rank)
+        tokens += sum(b.n_tokens for b in batches) * d.world_size
+        t.history.append((step + 1, loss))
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
+        bar.update(1)
+        if o.save_every and (step + 1) % o.save_every == 0 and step + 1 < o.max_steps and d.rank == 0:
+            _checkpoint(r, t, step + 1)
+    bar.close()
+    seconds, done = time.perf_counter() - t0, o.max_steps - t.start
+    summary = {"steps": done, "seconds": seconds, "steps_per_s": done / max(seconds, 1e-9),
+               "tokens_per_s": tokens / max(seconds, 1e-9),
+               "final_loss": t.history[-1][1] if t.history else None, "history": t.history}
+    if o.fused:  # forwards of the fused layer that ran peft's code instead (reason -> count)
+        summary["fused_fallbacks"] = fallback_counts()
+    if d.enabled:  # ranks must agree: the optimizers keep parameters identical
+        summary["max_rank_param_diff"] = _rank_param_diff(list(trainable(r.model).values()))
+    return summary
+
+
+def _rank_param_diff(params: list[torch.Tensor]) -> float:
+    import torch.distributed as dist
+    flat = torch.cat([p.detach().float().reshape(-1) for p in params])
+    ref = flat.clone()
+    dist.broadcast(ref, 0)
+    return float((flat - ref).abs().max())
 
 
 # ------------------------------------------------------------------------------- outputs
@@ -463,162 +397,64 @@ def plot_loss(history: list, path: str) -> str | None:
     return None
 
 
-# ------------------------------------------------------------------------------- main loop
+
+def _evaluate(r: Run, when: str) -> None:
+    if not (r.eval_ex and r.opts.eval and r.dist.rank == 0):
+        return
+    res = r.results[when] = evaluate(r.model, r.tokenizer, r.opts, r.split.eval, r.eval_ex, r.device)
+    steps = f" {r.opts.max_steps} steps" if when == "after" else ""
+    log(f"{when}{steps}: eval loss {res['eval_loss']:.4f}, exact match {res['exact_match']:.3f}"
+        + (f" {res['exact_match_by_task']}" if when == "after" else ""))
+
+
+def write_outputs(r: Run, history: list) -> None:
+    """Rank 0: adapter, tokenizer, loss curve, optional sample and merge, results.json."""
+    o, out = r.opts, r.opts.output_dir
+    os.makedirs(out, exist_ok=True)
+    r.model.save_pretrained(os.path.join(out, "adapter"))
+    r.tokenizer.save_pretrained(os.path.join(out, "adapter"))
+    note = plot_loss(history, os.path.join(out, "loss_curve.png"))
+    if note:
+        r.results.setdefault("notes", []).append(note)
+        log(f"note: {note}")
+    if o.generate:
+        ids = r.tokenizer(D.format_prompt({"instruction": o.generate, "input": o.generate_input},
+                                          o.template), add_special_tokens=True)["input_ids"]
+        gen = greedy_generate(r.model, r.tokenizer, [ids], r.device, o.max_new_tokens * 4)[0]
+        r.results["generation"] = r.tokenizer.decode(gen, skip_special_tokens=True)
+        log(f"--generate {o.generate!r} -> {r.results['generation']!r}")
+    if o.merge:
+        merged = r.model.merge_and_unload()
+        merged.save_pretrained(os.path.join(out, "merged"))
+        r.tokenizer.save_pretrained(os.path.join(out, "merged"))
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(r.results, f, indent=1, default=str)
+    log(f"saved adapter, results.json and loss curve to {out}")
+
 
 def run(args) -> dict:
     """Fine-tunes, evaluates and saves as the options say; returns the results dict (also
     written to ``<output-dir>/results.json`` by rank 0)."""
-    check_options(args)
-    d = init_distributed(args.device)
-    device = resolve_device(args.device, d)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-
-    # data first: a bad file fails before the model loads
-    if args.data:
-        records = D.load_alpaca(args.data)
-        rng = random.Random(args.seed)
-        order = list(range(len(records)))
-        rng.shuffle(order)
-        n_eval = min(args.eval_size, max(1, len(records) // 10)) if len(records) > 1 else 0
-        eval_records = [records[i] for i in order[:n_eval]]
-        train_records = [records[i] for i in order[n_eval:]] or records
-    else:
-        train_records = D.generate_dataset(args.train_size, seed=args.seed)
-        # a different seed stream for the held-out set
-        eval_records = D.generate_dataset(args.eval_size, seed=args.seed + 1_000_003)
-    template = args.template or ("compact" if not args.model else "alpaca")
-    args.template = template
-
-    model, tokenizer = load_model(args, device)
-    train_ex = D.encode_dataset(tokenizer, train_records, template, args.max_length,
-                                what=args.data or "embedded dataset")
-    eval_ex = D.encode_dataset(tokenizer, eval_records, template, args.max_length,
-                               what="eval split") if eval_records else []
-
-    if args.optimizer in CLOSURE_OPTIMIZERS and args.lora_dropout > 0:
-        log(f"note: {args.optimizer} re-evaluates its closure, which must be deterministic: "
-            "LoRA dropout set to 0", d.rank)
-        args.lora_dropout = 0.0
-    model = add_lora(model, args)
-    n_train = sum(p.numel() for p in trainable(model).values())
-    n_all = sum(p.numel() for p in model.parameters())
-    log(f"model {args.model or 'embedded base'}: {n_all:,} parameters, {n_train:,} trainable "
-        f"(LoRA r={args.lora_r}, {'fused' if args.fused else 'peft'} layer); "
-        f"{len(train_ex)} train / {len(eval_ex)} eval examples; device {device}, "
-        f"precision {args.precision}, optimizer {args.optimizer}", d.rank)
-
-    results: dict = {"options": {k: v for k, v in vars(args).items() if not callable(v)}}
-    if eval_ex and args.eval and d.rank == 0:
-        results["before"] = evaluate(model, tokenizer, args, eval_records, eval_ex, device)
-        log(f"before: eval loss {results['before']['eval_loss']:.4f}, exact match "
-            f"{results['before']['exact_match']:.3f}", d.rank)
-
-    params = list(trainable(model).values())
-    opt = make_optimizer(args.optimizer, params, args, args.max_steps)
-    sched = make_scheduler(opt, args)
-    scaler = None
-    if args.precision == "fp16":
-        scaler = torch.amp.GradScaler(device.type)
-    ddp_model = model
-    if d.enabled and args.optimizer not in HVP_OPTIMIZERS:
-        # the second-order optimizers average gradients (and HVPs) themselves and need the
-        # local graph, so they must NOT be wrapped (their docstrings)
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    stream = D.BatchStream(train_ex, args.batch_size, D.pad_id(tokenizer), args.seed,
-                           d.rank, d.world_size)
-    stepper = Stepper(args, model, ddp_model, opt, device, scaler,
-                      anchor_batches(train_ex, args, D.pad_id(tokenizer), d, device))
-
-    start, history = 0, []
-    if args.resume:
-        start, history, extra = load_checkpoint(args.resume, model, opt, scaler, stream)
-        stepper.step_idx = start
-        if "gnb_gen" in extra:  # SophiaG's GNB label sampler
-            stepper.gnb_gen.set_state(extra["gnb_gen"])
-        if sched is not None and extra.get("sched"):
-            sched.load_state_dict(extra["sched"])
-        log(f"resumed from {args.resume} at step {start}", d.rank)
-
-    if args.optimizer in CLOSURE_OPTIMIZERS:
-        model.eval()  # deterministic closure (no dropout anywhere)
-    else:
-        model.train()
-    from tqdm.auto import tqdm
-    bar = tqdm(total=args.max_steps, initial=start, disable=d.rank != 0 or not args.progress,
-               desc=f"finetune {args.optimizer}", dynamic_ncols=True)
-    from ..nn import fallback_counts, reset_fallback_counts
-    reset_fallback_counts()
-    t0, tokens = time.perf_counter(), 0
-    for step in range(start, args.max_steps):
-        batches = [stream.next().to(device) for _ in range(args.grad_accum)]
-        try:
-            loss = stepper(batches)
-        except Exception as e:  # name the step: optimizer failures are otherwise context-free
-            raise RuntimeError(f"{args.optimizer} step {step + 1} failed: {type(e).__name__}: {e}") from e
-        if sched is not None:
-            sched.step()
-        if not math.isfinite(loss):
-            log(f"warning: non-finite loss {loss} at step {step}", d.rank)
-        tokens += sum(b.n_tokens for b in batches) * d.world_size
-        history.append((step + 1, loss))
-        dt = time.perf_counter() - t0
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / max(dt, 1e-9):.0f}")
-        bar.update(1)
-        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.max_steps \
-                and d.rank == 0:
-            save_checkpoint(os.path.join(args.output_dir, "checkpoint"), model, opt, scaler,
-                            stream, step + 1, history, {"gnb_gen": stepper.gnb_gen.get_state(),
-                                                        "sched": sched.state_dict() if sched else None})
-    bar.close()
-    train_time = time.perf_counter() - t0
-    done_steps = args.max_steps - start
-    results["train"] = {"steps": done_steps, "seconds": train_time,
-                        "steps_per_s": done_steps / max(train_time, 1e-9),
-                        "tokens_per_s": tokens / max(train_time, 1e-9),
-                        "final_loss": history[-1][1] if history else None,
-                        "history": history}
-    if args.fused:  # forwards of the fused layer that ran peft's code instead (reason -> count)
-        results["train"]["fused_fallbacks"] = fallback_counts()
-    if d.enabled:  # ranks must agree: the optimizers keep parameters identical
-        import torch.distributed as dist
-        flat = torch.cat([p.detach().float().reshape(-1) for p in params])
-        ref = flat.clone()
-        dist.broadcast(ref, 0)
-        results["train"]["max_rank_param_diff"] = float((flat - ref).abs().max())
-
+    opts = resolve_options(args)
+    d = init_distributed(opts.device)
+    device = resolve_device(opts.device, d)
+    if opts.threads > 0:
+        torch.set_num_threads(opts.threads)
+    random.seed(opts.seed)
+    torch.manual_seed(opts.seed)
+    for note in opts.notes:
+        log(f"note: {note}", d.rank)
+    split = prepare_data(opts)  # a bad data file fails before the model loads
+    r = build_model(opts, d, device, split)
+    r.results["options"] = {k: v for k, v in vars(opts).items() if not callable(v)}
+    _evaluate(r, "before")
+    t = setup_training(r)
+    r.results["train"] = train_loop(r, t)
     if d.rank == 0:
-        if eval_ex and args.eval:
-            results["after"] = evaluate(model, tokenizer, args, eval_records, eval_ex, device)
-            log(f"after {args.max_steps} steps: eval loss {results['after']['eval_loss']:.4f}, "
-                f"exact match {results['after']['exact_match']:.3f} "
-                f"{results['after']['exact_match_by_task']}")
-        os.makedirs(args.output_dir, exist_ok=True)
-        model.save_pretrained(os.path.join(args.output_dir, "adapter"))
-        tokenizer.save_pretrained(os.path.join(args.output_dir, "adapter"))
-        note = plot_loss(history, os.path.join(args.output_dir, "loss_curve.png"))
-        if note:
-            results["notes"] = [note]
-            log(f"note: {note}")
-        if args.generate:
-            ids = tokenizer(D.format_prompt({"instruction": args.generate, "input": args.generate_input},
-                                            template), add_special_tokens=True)["input_ids"]
-            out = greedy_generate(model, tokenizer, [ids], device, args.max_new_tokens * 4)[0]
-            results["generation"] = tokenizer.decode(out, skip_special_tokens=True)
-            log(f"--generate {args.generate!r} -> {results['generation']!r}")
-        if args.merge:
-            merged = model.merge_and_unload()
-            merged.save_pretrained(os.path.join(args.output_dir, "merged"))
-            tokenizer.save_pretrained(os.path.join(args.output_dir, "merged"))
-        results["options"] = {k: v for k, v in vars(args).items()}
-        with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-            json.dump(results, f, indent=1, default=str)
-        log(f"saved adapter, results.json and loss curve to {args.output_dir}")
+        _evaluate(r, "after")
+        write_outputs(r, t.history)
     if d.enabled:
         import torch.distributed as dist
         dist.barrier()
         dist.destroy_process_group()
-    return results
+    return r.results

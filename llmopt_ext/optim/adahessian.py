@@ -31,6 +31,15 @@ class AdaHessian(torch.optim.Optimizer):
     """
 
     _step_supports_amp_scaling = True
+    # driving contract (llmopt_ext.optim.driver)
+    step_kind = "backward_graph"
+    default_lr = 0.15
+    uses_hvp = True
+    accepts_grad_clipping = False
+
+    def needs_graph(self) -> bool:
+        """The graph is needed on the steps that refresh the Hessian estimate."""
+        return self.param_groups[0].get("step_count", 0) % self.update_each == 0
 
     def __init__(self, params, lr: float = 0.15, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-4, weight_decay: float = 0.0, hessian_power: float = 1.0,

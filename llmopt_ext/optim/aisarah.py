@@ -35,6 +35,16 @@ class AISARAH(torch.optim.Optimizer):
     ranks here (do not wrap the model in DDP).
     """
 
+    # driving contract (llmopt_ext.optim.driver): no learning rate; the closure returns the loss
+    step_kind = "closure_loss"
+    lr_free = True
+    uses_hvp = True
+    supports_grad_scaler = False
+
+    def step_kwargs(self, ctx) -> dict:
+        """The anchor sample's loss as the outer loop's full gradient, when the caller has one."""
+        return {"full_closure": ctx.full_loss} if ctx.full_loss is not None else {}
+
     def __init__(self, params, gamma: float = 1.0 / 32, beta: float = 0.999, *,
                  max_inner: int = 1000, sync_grads: bool | None = None):
         check_pos("gamma", gamma)

@@ -55,6 +55,13 @@ class OASIS(torch.optim.Optimizer):
     ranks (do not wrap the model in DDP: the HVP needs the local graph).
     """
 
+    # driving contract (llmopt_ext.optim.driver): the closure runs its own create_graph backward
+    step_kind = "closure_backward"
+    default_lr = 1e-3
+    lr_schedulable = False  # lr is only the first step size; OASIS adapts its own
+    uses_hvp = True
+    supports_grad_scaler = False
+
     def __init__(self, params, lr: float = 1e-3, beta2: float = 0.99, alpha: float = 1e-3, *,
                  init_samples: int = 10, distribution: str = "rademacher", seed: int = 0,
                  grad_difference: str = "same_batch", sync_grads: bool | None = None):

@@ -86,22 +86,67 @@ class SophiaG(_SophiaBase):
         optimizer.zero_grad(); loss_gnb.backward()
         optimizer.update_hessian()                      # h <- b2 h + (1 - b2) g*g
 
-    or ``optimizer.update_hessian_from_logits(logits)`` for the three lines.
+    or ``optimizer.update_hessian_from_logits(logits)`` for the three lines. Driven by
+    :func:`llmopt_ext.optim.drive_step` with a ``StepContext(logits=...)``, the refresh runs
+    by itself after every ``update_period``-th step, its labels drawn from a generator seeded
+    with ``seed`` (saved in ``state_dict``, so a resumed run draws the same labels).
 
     Args (defaults from the official code): lr=1e-4, betas=(0.965, 0.99), rho=0.04,
     weight_decay=0.1, bs: tokens per batch (the B of rho * B * h; required, overridable
-    per ``step(bs=...)``), eps=1e-15.
+    per ``step(bs=...)``), eps=1e-15, update_period=10 (the official k), seed=0.
     Under DDP wrap the model as usual: the GNB gradients are averaged by DDP's backward.
     """
 
     _name = "SophiaG"
+    # driving contract (llmopt_ext.optim.driver). 2e-3 for LoRA fine-tuning: the official 1e-4
+    # is a pretraining value; 2e-3 bounds each element's step as AdamW's default rate does.
+    default_lr = 2e-3
+    accepts_grad_clipping = False  # the update clips itself, element-wise
 
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
-                 rho: float = 0.04, weight_decay: float = 1e-1, *, bs: int, eps: float = 1e-15):
+                 rho: float = 0.04, weight_decay: float = 1e-1, *, bs: int, eps: float = 1e-15,
+                 update_period: int = 10, seed: int = 0):
         _check_sophia_hyper(lr, betas, rho, weight_decay, eps)
         check_pos("bs", bs)
+        if update_period < 1:
+            raise ValueError(f"Invalid update_period: {update_period} (expected >= 1)")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay,
                                       bs=bs, eps=eps))
+        self.update_period, self.seed = update_period, seed
+        self._gnb_gen: torch.Generator | None = None
+        self._gnb_gen_state: torch.Tensor | None = None  # loaded before the device is known
+
+    def step_kwargs(self, ctx) -> dict:
+        return {"bs": ctx.n_tokens} if ctx.n_tokens else {}
+
+    def after_step(self, ctx) -> None:
+        """GNB refresh after every update_period-th step, when the caller passes the logits."""
+        if ctx.logits is None or self.param_groups[0].get("step_count", 0) % self.update_period:
+            return
+        logits, ignore_mask = ctx.logits()
+        self.update_hessian_from_logits(logits, generator=self._generator(logits.device),
+                                        ignore_mask=ignore_mask)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if self._gnb_gen is None or self._gnb_gen.device != device:
+            self._gnb_gen = torch.Generator(device=device).manual_seed(self.seed)
+            if self._gnb_gen_state is not None:
+                self._gnb_gen.set_state(self._gnb_gen_state)
+                self._gnb_gen_state = None
+        return self._gnb_gen
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        gen = self._gnb_gen.get_state() if self._gnb_gen is not None else self._gnb_gen_state
+        if gen is not None:
+            sd["gnb_generator"] = gen.clone()
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        gen = state_dict.pop("gnb_generator", None)
+        super().load_state_dict(state_dict)
+        self._gnb_gen, self._gnb_gen_state = None, gen
 
     @torch.no_grad()
     def update_hessian(self) -> None:
@@ -135,6 +180,7 @@ class SophiaG(_SophiaBase):
             b = group["bs"] if bs is None else bs
             check_pos("bs", b)
             self._fused_step(group, group["rho"] * b, clip=False)
+        self.param_groups[0]["step_count"] = self.param_groups[0].get("step_count", 0) + 1
         return loss
 
 
@@ -156,6 +202,16 @@ class SophiaH(_SophiaBase):
     """
 
     _name = "SophiaH"
+    # driving contract (llmopt_ext.optim.driver)
+    step_kind = "backward_graph"
+    default_lr = 6e-2
+    uses_hvp = True
+    supports_grad_scaler = False  # the Hutchinson product would see scaled gradients
+    accepts_grad_clipping = False
+
+    def needs_graph(self) -> bool:
+        """The graph is needed on the steps that refresh the Hessian estimate."""
+        return self.param_groups[0].get("step_count", 0) % self.update_period == 0
 
     def __init__(self, params, lr: float = 6e-2, betas: tuple[float, float] = (0.96, 0.99),
                  rho: float = 1e-2, weight_decay: float = 0.0, *, update_period: int = 10,

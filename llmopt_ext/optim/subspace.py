@@ -196,6 +196,9 @@ class GoLoreAdamW(torch.optim.Optimizer):
     ``torch.distributed`` so all ranks draw the same random subspaces.
     """
 
+    # driving contract (llmopt_ext.optim.driver): a plain backward optimizer
+    default_lr = 2e-3
+
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, *, rank: int | None = 128,
                  update_proj_gap: int = 200, scale: float = 0.25, proj_type: str = "std",

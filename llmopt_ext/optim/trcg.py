@@ -128,6 +128,12 @@ class TRCG(torch.optim.Optimizer):
     radius, HVPs, host syncs, ...).
     """
 
+    # driving contract (llmopt_ext.optim.driver): no learning rate; the closure returns the loss
+    step_kind = "closure_loss"
+    lr_free = True
+    uses_hvp = True
+    supports_grad_scaler = False
+
     def __init__(self, params: Iterable, radius: float = 1.0, max_radius: float = 100.0,
                  min_radius: float = 1e-12, eta: float = 0.01, shrink: float = 0.5,
                  expand: float = 2.0, shrink_below: float = 0.25, expand_above: float = 0.75,
