@@ -14,7 +14,7 @@ cd "$ROOT"
 start=$(date +%s)
 
 echo "== [1/4] pytest"
-LLMOPT_REQUIRE_C=1 "$PYTHON" -m pytest tests -q -ra
+LLMOPT_REQUIRE_C=1 LLMOPT_REQUIRE_REAL_MODEL=1 "$PYTHON" -m pytest tests -q -ra
 
 echo "== [2/4] ctest (C++ kernel unit tests) and [3/4] nvcc compile check"
 cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null

