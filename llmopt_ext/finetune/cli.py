@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--grad-accum", type=int, default=1)
     g.add_argument("--max-steps", type=int, default=600)
+    g.add_argument("--max-seconds", type=float, default=0.0,
+                   help="stop training after this many seconds of steps (0: off); for "
+                   "equal-time comparisons (the schedule still spans --max-steps)")
     g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="autocast dtype (fp16 uses a GradScaler)")
     g.add_argument("--seed", type=int, default=0)

@@ -31,6 +31,7 @@ class Entry:
     cls: Callable[[], type]     # the class (imported lazily: peer packages are optional)
     build: Callable             # (cls, params, lr, opts, total_steps) -> optimizer
     default_lr: float | None = None  # for classes that carry no default_lr (torch's, peers')
+    schedule: bool | None = None     # None: the class's contract decides (driver.lr_schedulable)
 
 
 def _entries() -> dict[str, Entry]:
@@ -54,7 +55,28 @@ def _entries() -> dict[str, Entry]:
         "aisarah": Entry(lambda: O.AISARAH, lambda c, p, lr, o, t: c(p)),
         "trcg": Entry(lambda: O.TRCG, lambda c, p, lr, o, t: c(
             p, preconditioner="abs_grad_ema", max_cg_iters=o.cg_iters)),
+        # the tuning-free optimizers users pick instead (optional packages, benchmark
+        # baselines), at their packages' recommended settings; driven like AdamW
+        "schedulefree": Entry(lambda: _peer("schedulefree", "AdamWScheduleFree"),
+                              lambda c, p, lr, o, t: c(p, lr=lr, weight_decay=o.weight_decay,
+                                                       warmup_steps=max(1, int(0.03 * t))),
+                              0.0025, schedule=False),  # schedule-free: no schedule by design
+        "prodigy": Entry(lambda: _peer("prodigyopt", "Prodigy"),
+                         lambda c, p, lr, o, t: c(p, lr=lr, weight_decay=o.weight_decay), 1.0,
+                         schedule=False),
+        "dadapt_adam": Entry(lambda: _peer("dadaptation", "DAdaptAdam"),
+                             lambda c, p, lr, o, t: c(p, lr=lr, weight_decay=o.weight_decay), 1.0,
+                             schedule=False),
     }
+
+
+def _peer(module: str, cls: str) -> type:
+    import importlib
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ImportError:
+        pip = {"prodigyopt": "prodigyopt", "dadaptation": "dadaptation"}.get(module, module)
+        raise UsageError(f"this optimizer needs the {module} package: pip install {pip}") from None
 
 
 OPTIMIZERS = tuple(_entries())
@@ -92,7 +114,10 @@ def make_scheduler(opt, opts):
     embedded task with AdamW at 2e-3, 600 steps: the constant rate plateaus from step ~300 at
     train loss ~0.35 (eval loss 0.3082, exact match 0.750); cosine: eval loss 0.3078, exact
     match 0.765."""
-    if opts.lr_schedule == "constant" or not driver.lr_schedulable(opt):
+    entry = _entries().get(opts.optimizer)
+    scheduled = entry.schedule if entry is not None and entry.schedule is not None \
+        else driver.lr_schedulable(opt)
+    if opts.lr_schedule == "constant" or not scheduled:
         return None
     total, warm = opts.max_steps, max(1, int(0.03 * opts.max_steps))
 

@@ -326,13 +326,18 @@ def train_loop(r: Run, t: Trainer) -> dict:
     o, d = r.opts, r.dist
     # a closure re-evaluated at trial points must be deterministic: no dropout anywhere
     r.model.train(not driver.deterministic_closure(t.opt))
+    driver.set_mode(t.opt, True)
     from tqdm.auto import tqdm
     from ..nn import fallback_counts, reset_fallback_counts
     bar = tqdm(total=o.max_steps, initial=t.start, disable=d.rank != 0 or not o.progress,
                desc=f"finetune {o.optimizer}", dynamic_ncols=True)
     reset_fallback_counts()
     t0, tokens = time.perf_counter(), 0
+    done = 0
     for step in range(t.start, o.max_steps):
+        if o.max_seconds and time.perf_counter() - t0 >= o.max_seconds:
+            log(f"--max-seconds {o.max_seconds:g}: stopping after {done} steps", d.rank)
+            break
         batches = [t.stream.next().to(r.device) for _ in range(o.grad_accum)]
         try:
             loss = t.stepper(batches)
@@ -344,12 +349,14 @@ def train_loop(r: Run, t: Trainer) -> dict:
             log(f"warning: non-finite loss {loss} at step {step}", d.rank)
         tokens += sum(b.n_tokens for b in batches) * d.world_size
         t.history.append((step + 1, loss))
+        done += 1
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
         bar.update(1)
         if o.save_every and (step + 1) % o.save_every == 0 and step + 1 < o.max_steps and d.rank == 0:
             _checkpoint(r, t, step + 1)
     bar.close()
-    seconds, done = time.perf_counter() - t0, o.max_steps - t.start
+    driver.set_mode(t.opt, False)  # evaluation and the saved adapter use the eval weights
+    seconds = time.perf_counter() - t0
     summary = {"steps": done, "seconds": seconds, "steps_per_s": done / max(seconds, 1e-9),
                "tokens_per_s": tokens / max(seconds, 1e-9),
                "final_loss": t.history[-1][1] if t.history else None, "history": t.history}
@@ -402,7 +409,8 @@ def _evaluate(r: Run, when: str) -> None:
     if not (r.eval_ex and r.opts.eval and r.dist.rank == 0):
         return
     res = r.results[when] = evaluate(r.model, r.tokenizer, r.opts, r.split.eval, r.eval_ex, r.device)
-    steps = f" {r.opts.max_steps} steps" if when == "after" else ""
+    hist = r.results.get("train", {}).get("history") or [(0, None)]
+    steps = f" {hist[-1][0]} steps" if when == "after" else ""
     log(f"{when}{steps}: eval loss {res['eval_loss']:.4f}, exact match {res['exact_match']:.3f}"
         + (f" {res['exact_match_by_task']}" if when == "after" else ""))
 

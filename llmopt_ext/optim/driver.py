@@ -42,6 +42,9 @@ like AdamW):
     ``bs``; AI-SARAH: the anchor ``full_closure``).
 ``after_step(self, ctx) -> None``
     work after the step (SophiaG: its Gauss-Newton-Bartlett Hessian refresh from ``ctx.logits``).
+``train()`` / ``eval()``
+    optimizers that keep two sets of weights (Schedule-Free) switch them; :func:`set_mode`
+    calls these around training and evaluation when an optimizer has them.
 """
 from __future__ import annotations
 
@@ -138,6 +141,14 @@ def after_step(opt, ctx: StepContext | None) -> None:
     fn = getattr(opt, "after_step", None)
     if callable(fn):
         fn(ctx or StepContext())
+
+
+def set_mode(opt, training: bool) -> None:
+    """``opt.train()`` before training steps, ``opt.eval()`` before evaluating or saving, for
+    optimizers whose weights differ between the two (Schedule-Free); a no-op for the others."""
+    fn = getattr(opt, "train" if training else "eval", None)
+    if callable(fn):
+        fn()
 
 
 # ---------------------------------------------------------------------------- the driver
