@@ -2,8 +2,12 @@
 
 1. ``finetune_lora_layer``: steps/s and tokens/s of the same AdamW run with peft's LoRA Linear
    vs llmopt_ext's fused one (ratio measured in the same run);
-2. ``finetune_optimizers``: AdamW with a small learning-rate sweep vs each tuning-free /
-   second-order optimizer at its defaults: final eval loss, exact match, steps/s.
+2. ``finetune_optimizers``: AdamW with a learning-rate sweep vs the tuning-free optimizers
+   users pick instead (Schedule-Free AdamW, Prodigy, D-Adaptation Adam: optional packages,
+   driven through the same plain-backward path as AdamW) and every project optimizer at its
+   defaults, for two seeds: final eval loss, exact match, steps/s; at equal steps AND at equal
+   wall-clock (each non-AdamW run stopped at the best AdamW run's training time,
+   ``--max-seconds``).
 
     python -m bench.bench_finetune [--quick] [--device cuda]
 
@@ -22,8 +26,19 @@ import torch
 
 from .harness import Results
 
-ADAMW_SWEEP = (5e-4, 1e-3, 2e-3, 5e-3)
+ADAMW_SWEEP = (5e-4, 1e-3, 2e-3, 5e-3, 1e-2)
+PEERS = ("schedulefree", "prodigy", "dadapt_adam")
 OTHERS = ("golore", "sophiag", "sophiah", "adahessian", "oasis", "aisarah", "trcg")
+SEEDS = (0, 1)
+
+
+def _available(opt: str) -> bool:
+    from llmopt_ext.finetune.optimizers import UsageError, optimizer_class
+    try:
+        optimizer_class(opt)
+        return True
+    except UsageError:
+        return False
 
 
 def _finetune(device: torch.device, out: str, argv: list[str]) -> dict:
@@ -69,49 +84,66 @@ def run(device: torch.device, quick: bool = False) -> list[Results]:
         out.append(res)
 
         # 2) optimizers
-        res = Results("finetune_optimizers", device,
-                      title="Embedded task: AdamW (LR sweep) vs tuning-free optimizers at defaults")
-        res.notes.append(f"{steps} steps, batch {size[size.index('--batch-size') + 1]}, fused LoRA "
-                         "r=8, fp32, seed 0; eval on held-out generated examples (greedy exact match)")
-        runs = [("adamw", ["--lr", str(lr)]) for lr in ADAMW_SWEEP] + [(o, []) for o in OTHERS]
-        base = None
-        for opt, extra in runs:
-            try:
-                r = _finetune(device, os.path.join(tmp, "-".join([opt, *extra])), [*size, "--optimizer", opt, *extra])
-            except RuntimeError as e:  # an optimizer that breaks down is a result, not a crash
-                res.add(optimizer=opt, lr="default", eval_loss=float("nan"), exact_match=float("nan"),
-                        steps_per_s="", seconds="")
-                res.notes.append(f"{opt}: {e}")
-                continue
-            if base is None:
-                base = r["before"]
-                res.add(optimizer="(base model)", lr="", eval_loss=base["eval_loss"],
-                        exact_match=base["exact_match"], steps_per_s="", seconds="")
-            lr = r["options"]["lr"]
-            label = opt if opt != "adamw" else f"adamw lr={lr:g}"
-            res.add(optimizer=opt, lr=lr if lr is not None else ("default" if opt not in ("trcg", "aisarah")
-                                                                 else "none"),
-                    eval_loss=r["after"]["eval_loss"], exact_match=r["after"]["exact_match"],
-                    steps_per_s=r["train"]["steps_per_s"], seconds=r["train"]["seconds"])
-            steps_done, losses = zip(*r["train"]["history"])
-            res.curve(label, steps_done, _smooth(losses), title="Training loss (moving average over 10 steps)",
-                      xlabel="step", ylabel="training loss")
-        adamw = [row for row in res.rows if row["optimizer"] == "adamw" and math.isfinite(row["eval_loss"])]
-        if not adamw:
-            return out + [res]
-        best = min(adamw, key=lambda row: row["eval_loss"])
-        res.notes.append(f"best AdamW of the sweep: lr={best['lr']:g}, eval loss {best['eval_loss']:.3f}; "
-                         "eval_vs_best_adamw = eval loss / that (lower is better, 1 = as good as tuned AdamW)")
-        for row in res.rows:
-            if row["optimizer"] != "(base model)":
-                row["eval_vs_best_adamw"] = row["eval_loss"] / best["eval_loss"]
-        res.plot(["eval_loss"], label=["optimizer", "lr"], kind="value",
-                 limits=[(best["eval_loss"], "best AdamW of the sweep")], xlabel="eval loss after training",
-                 title="Eval loss: AdamW LR sweep vs tuning-free optimizers at defaults (lower is better)")
-        res.plot(["exact_match"], label=["optimizer", "lr"], kind="value", xlabel="exact-match accuracy",
-                 title="Exact match on held-out generated tasks (higher is better)")
-        out.append(res)
+        out.append(_optimizers(device, tmp, size, steps, quick))
     return out
+
+
+def _row(res, r, opt, extra, seed, budget):
+    lr = r["options"]["lr"]
+    res.add(optimizer=opt, lr=lr if lr is not None else "default", seed=seed, budget=budget,
+            eval_loss=r["after"]["eval_loss"], exact_match=r["after"]["exact_match"],
+            steps=r["train"]["steps"], steps_per_s=r["train"]["steps_per_s"],
+            seconds=r["train"]["seconds"])
+
+
+def _optimizers(device, tmp, size, steps, quick) -> Results:
+    res = Results("finetune_optimizers", device,
+                  title="Embedded task: AdamW (LR sweep) vs tuning-free optimizers at defaults")
+    res.notes.append(f"{steps} steps, batch {size[size.index('--batch-size') + 1]}, fused LoRA "
+                     f"r=8, fp32, seeds {SEEDS}; eval on held-out generated examples (greedy exact "
+                     "match); budget 'steps' = all steps, 'time' = stopped at the best AdamW "
+                     "run's training time of the same seed")
+    seeds = SEEDS[:1] if quick else SEEDS
+    others = [o for o in PEERS + OTHERS if _available(o)]
+    missing = [o for o in PEERS if o not in others]
+    if missing:
+        res.notes.append(f"not installed, skipped: {', '.join(missing)}")
+    for seed in seeds:
+        best = None
+        runs = [("adamw", ["--lr", str(lr)]) for lr in ADAMW_SWEEP] + [(o, []) for o in others]
+        for opt, extra in runs:
+            budgets = [("steps", [])]
+            if opt != "adamw" and best is not None:
+                budgets.append(("time", ["--max-seconds", f"{best['train']['seconds']:.3f}"]))
+            for budget, cut in budgets:
+                argv = [*size, "--optimizer", opt, "--seed", str(seed), *extra, *cut]
+                try:
+                    r = _finetune(device, os.path.join(tmp, f"{opt}-{seed}-{budget}-{len(res.rows)}"), argv)
+                except RuntimeError as e:  # an optimizer that breaks down is a result, not a crash
+                    res.add(optimizer=opt, lr="default", seed=seed, budget=budget,
+                            eval_loss=float("nan"), exact_match=float("nan"))
+                    res.notes.append(f"{opt} seed {seed}: {e}")
+                    continue
+                _row(res, r, opt, extra, seed, budget)
+                if opt == "adamw" and (best is None or r["after"]["eval_loss"] < best["after"]["eval_loss"]):
+                    best = r
+                if seed == seeds[0] and budget == "steps":
+                    label = opt if opt != "adamw" else f"adamw lr={r['options']['lr']:g}"
+                    steps_done, losses = zip(*r["train"]["history"])
+                    per_step = r["train"]["seconds"] / max(1, r["train"]["steps"])
+                    res.curve(label, [k * per_step for k in steps_done], _smooth(losses),
+                              xlabel="training seconds (step x mean step time)", ylabel="training loss",
+                              title="Training loss vs time (moving average over 10 steps), seed 0")
+        res.notes.append(f"seed {seed}: base model eval loss {best['before']['eval_loss']:.3f}; best "
+                         f"AdamW lr={best['options']['lr']:g}, eval loss {best['after']['eval_loss']:.3f} "
+                         f"in {best['train']['seconds']:.1f} s")
+        for row in res.rows:
+            if row["seed"] == seed:
+                row["eval_vs_best_adamw"] = row["eval_loss"] / best["after"]["eval_loss"]
+    res.plot(["eval_vs_best_adamw"], label=["optimizer", "lr", "seed", "budget"], kind="value",
+             limits=[(1.0, "best AdamW of the sweep")], xlabel="eval loss / best AdamW (lower is better)",
+             title="Eval loss relative to the best AdamW of the sweep, equal steps and equal time")
+    return res
 
 
 if __name__ == "__main__":
