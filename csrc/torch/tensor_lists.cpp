@@ -3,6 +3,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <sstream>
 #include <string>
 
@@ -116,7 +117,15 @@ ScalarValue scalar_value(const char* op, const char* name, const at::Tensor& s,
                     " must be a number or a tensor with one element");
   TORCH_CHECK_TYPE(at::isFloatingType(s.scalar_type()), op, ": ", name, " has dtype ",
                    dtype_str(s.scalar_type()), "; expected a floating-point scalar");
-  if (s.device().is_cpu()) return {s.item<float>(), nullptr};
+  if (s.device().is_cpu()) {
+    // Read as double so a finite float64 value beyond float32's range (e.g. 1e300)
+    // is a clear error naming the argument, not c10's "cannot be converted" message.
+    const double v = s.item<double>();
+    const float f = static_cast<float>(v);
+    TORCH_CHECK_VALUE(!std::isfinite(v) || std::isfinite(f), op, ": ", name, " = ", v,
+                      " overflows torch.float32 (scalars are rounded to float32)");
+    return {f, nullptr};
+  }
   TORCH_CHECK_VALUE(s.device() == device, op, ": ", name, " is on ", s.device(),
                     " but the tensor lists are on ", device);
   TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, op, ": ", name,
