@@ -3,7 +3,10 @@
 #include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <sstream>
 #include <string>
 
@@ -45,7 +48,61 @@ std::optional<DType> kernel_dtype(at::ScalarType t) {
   }
 }
 
+// The bytes tensor i of list `list` can touch: [begin, end).
+struct Span {
+  uintptr_t begin, end;
+  size_t list, index;
+};
+
+bool same_view(const at::Tensor& a, const at::Tensor& b) {
+  return a.data_ptr() == b.data_ptr() && a.sizes().equals(b.sizes()) &&
+         a.strides().equals(b.strides()) && a.scalar_type() == b.scalar_type();
+}
+
+bool may_alias(const ListArg& read, const ListArg& written) {
+  return !read.written && read.may_alias != nullptr && std::strcmp(read.may_alias, written.name) == 0;
+}
+
+void check_pair(const char* op, const std::vector<ListArg>& lists, const Span& x, const Span& y) {
+  const Span& a = (x.list < y.list || (x.list == y.list && x.index < y.index)) ? x : y;
+  const Span& b = (&a == &x) ? y : x;
+  const ListArg& la = lists[a.list];
+  const ListArg& lb = lists[b.list];
+  if (!la.written && !lb.written) return;
+  if (a.index == b.index && same_view(la.tensors[a.index], lb.tensors[b.index]) &&
+      (may_alias(la, lb) || may_alias(lb, la)))
+    return;
+  TORCH_CHECK_VALUE(false, op, ": ", la.name, "[", a.index, "] and ", lb.name, "[", b.index,
+                    "] share memory, and one of them is written in place; the result would "
+                    "depend on the backend's order of reads and writes (pass separate tensors, "
+                    "e.g. a .clone())");
+}
+
 }  // namespace
+
+void check_no_alias(const char* op, const std::vector<ListArg>& lists) {
+  std::vector<Span> spans;
+  for (size_t l = 0; l < lists.size(); ++l) {
+    for (size_t i = 0; i < lists[l].tensors.size(); ++i) {
+      const at::Tensor& t = lists[l].tensors[i];
+      if (!t.defined() || t.numel() == 0) continue;
+      int64_t extent = 0;  // strides are >= 0 in torch
+      for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d);
+      const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+      spans.push_back({begin, begin + static_cast<uintptr_t>((extent + 1) * t.element_size()), l, i});
+    }
+  }
+  // Sorted by first byte, each span is compared only with the spans that start
+  // before it ends: O(n log n) for lists without sharing.
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) {
+    return a.begin != b.begin ? a.begin < b.begin
+                              : (a.end != b.end ? a.end < b.end
+                                                : (a.list != b.list ? a.list < b.list : a.index < b.index));
+  });
+  for (size_t k = 0; k < spans.size(); ++k)
+    for (size_t m = k + 1; m < spans.size() && spans[m].begin < spans[k].end; ++m)
+      check_pair(op, lists, spans[k], spans[m]);
+}
 
 PreparedLists prepare_lists(const char* op, std::initializer_list<ListArg> lists) {
   TORCH_CHECK(lists.size() > 0, op, ": no tensor lists");
@@ -84,6 +141,8 @@ PreparedLists prepare_lists(const char* op, std::initializer_list<ListArg> lists
       }
     }
   }
+
+  check_no_alias(op, std::vector<ListArg>(lists));
 
   p.dtype = *kdt;
   p.numels.reserve(n);
