@@ -9,6 +9,7 @@
 #include <cstring>
 #include <sstream>
 #include <string>
+#include <utility>
 
 namespace llmopt_ext {
 namespace {
@@ -63,19 +64,14 @@ bool may_alias(const ListArg& read, const ListArg& written) {
   return !read.written && read.may_alias != nullptr && std::strcmp(read.may_alias, written.name) == 0;
 }
 
-void check_pair(const char* op, const std::vector<ListArg>& lists, const Span& x, const Span& y) {
-  const Span& a = (x.list < y.list || (x.list == y.list && x.index < y.index)) ? x : y;
-  const Span& b = (&a == &x) ? y : x;
+// Whether tensor a.index of list a.list and tensor b.index of list b.list,
+// whose byte ranges overlap, may share memory.
+bool may_share(const std::vector<ListArg>& lists, const Span& a, const Span& b) {
   const ListArg& la = lists[a.list];
   const ListArg& lb = lists[b.list];
-  if (!la.written && !lb.written) return;
-  if (a.index == b.index && same_view(la.tensors[a.index], lb.tensors[b.index]) &&
-      (may_alias(la, lb) || may_alias(lb, la)))
-    return;
-  TORCH_CHECK_VALUE(false, op, ": ", la.name, "[", a.index, "] and ", lb.name, "[", b.index,
-                    "] share memory, and one of them is written in place; the result would "
-                    "depend on the backend's order of reads and writes (pass separate tensors, "
-                    "e.g. a .clone())");
+  if (!la.written && !lb.written) return true;
+  return a.index == b.index && same_view(la.tensors[a.index], lb.tensors[b.index]) &&
+         (may_alias(la, lb) || may_alias(lb, la));
 }
 
 }  // namespace
@@ -99,12 +95,28 @@ void check_no_alias(const char* op, const std::vector<ListArg>& lists) {
                               : (a.end != b.end ? a.end < b.end
                                                 : (a.list != b.list ? a.list < b.list : a.index < b.index));
   });
-  for (size_t k = 0; k < spans.size(); ++k)
-    for (size_t m = k + 1; m < spans.size() && spans[m].begin < spans[k].end; ++m)
-      check_pair(op, lists, spans[k], spans[m]);
+  // The first conflicting pair in argument order (list, index), whatever the addresses.
+  using Arg = std::pair<size_t, size_t>;
+  std::optional<std::pair<Arg, Arg>> first;
+  for (size_t k = 0; k < spans.size(); ++k) {
+    for (size_t m = k + 1; m < spans.size() && spans[m].begin < spans[k].end; ++m) {
+      if (may_share(lists, spans[k], spans[m])) continue;
+      Arg a{spans[k].list, spans[k].index}, b{spans[m].list, spans[m].index};
+      if (b < a) std::swap(a, b);
+      if (!first || std::make_pair(a, b) < *first) first = std::make_pair(a, b);
+    }
+  }
+  if (!first) return;
+  const auto& [a, b] = *first;
+  TORCH_CHECK_VALUE(false, op, ": ", lists[a.first].name, "[", a.second, "] and ",
+                    lists[b.first].name, "[", b.second,
+                    "] share memory, and one of them is written in place; the result would "
+                    "depend on the backend's order of reads and writes (pass separate tensors, "
+                    "e.g. a .clone())");
 }
 
-PreparedLists prepare_lists(const char* op, std::initializer_list<ListArg> lists) {
+PreparedLists prepare_lists(const char* op, std::initializer_list<ListArg> lists,
+                            bool alias_check) {
   TORCH_CHECK(lists.size() > 0, op, ": no tensor lists");
   const ListArg& first = *lists.begin();
   TORCH_CHECK_VALUE(!first.tensors.empty(), op, ": ", first.name, " is an empty list");
@@ -142,7 +154,7 @@ PreparedLists prepare_lists(const char* op, std::initializer_list<ListArg> lists
     }
   }
 
-  check_no_alias(op, std::vector<ListArg>(lists));
+  if (alias_check) check_no_alias(op, std::vector<ListArg>(lists));
 
   p.dtype = *kdt;
   p.numels.reserve(n);

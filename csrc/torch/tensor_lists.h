@@ -38,7 +38,8 @@ class PreparedLists {
   void finish();
 
  private:
-  friend PreparedLists prepare_lists(const char* op, std::initializer_list<ListArg> lists);
+  friend PreparedLists prepare_lists(const char* op, std::initializer_list<ListArg> lists,
+                                     bool alias_check);
   std::vector<std::vector<at::Tensor>> keep_;         // keeps contiguous copies alive
   std::vector<std::vector<const void*>> ptrs_;
   std::vector<std::pair<at::Tensor, at::Tensor>> copy_back_;  // (user tensor, temporary)
@@ -47,9 +48,10 @@ class PreparedLists {
 // Checks that every list has as many tensors as the first (which must be
 // non-empty), and that tensor i of every list has the shape of tensor i of the
 // first list, one floating dtype (float32, bfloat16 or float16) and one device
-// shared by all tensors of all lists, and check_no_alias. Errors name the op
-// and the argument.
-PreparedLists prepare_lists(const char* op, std::initializer_list<ListArg> lists);
+// shared by all tensors of all lists, and (alias_check) check_no_alias.
+// Errors name the op and the argument.
+PreparedLists prepare_lists(const char* op, std::initializer_list<ListArg> lists,
+                            bool alias_check = true);
 
 // A written tensor may share no memory with any other tensor of `lists`
 // (byte ranges compared, so interleaved views such as t[::2] / t[1::2] count

@@ -162,30 +162,31 @@ def check_no_alias(op: str, lists: Sequence[ListSpec]) -> None:
             if t.numel() > 0 and t.device.type != "meta":
                 spans.append((*_byte_span(t), li, i))
     spans.sort()
+    conflicts = []
     for k, (start, end, li, i) in enumerate(spans):
         for start2, _end2, lj, j in spans[k + 1:]:
             if start2 >= end:
                 break
-            _check_pair(op, lists, (li, i), (lj, j))
+            if not _may_share(lists, (li, i), (lj, j)):
+                conflicts.append(tuple(sorted([(li, i), (lj, j)])))
+    if conflicts:  # the first pair in argument order, whatever the addresses
+        (la, i), (lb, j) = min(conflicts)
+        raise ValueError(
+            f"{op}: {lists[la][0]}[{i}] and {lists[lb][0]}[{j}] share memory, and one of them is "
+            "written in place; the result would depend on the backend's order of reads and writes "
+            "(pass separate tensors, e.g. a .clone())")
 
 
-def _check_pair(op: str, lists, a: tuple[int, int], b: tuple[int, int]) -> None:
+def _may_share(lists, a: tuple[int, int], b: tuple[int, int]) -> bool:
     (la, i), (lb, j) = a, b
     name_a, ts_a, w_a, *alias_a = lists[la]
     name_b, ts_b, w_b, *alias_b = lists[lb]
     if not (w_a or w_b):
-        return
+        return True
     ta, tb = ts_a[i], ts_b[j]
     same_view = (i == j and ta.data_ptr() == tb.data_ptr() and ta.shape == tb.shape
                  and ta.stride() == tb.stride() and ta.dtype == tb.dtype)
-    allowed = same_view and ((not w_b and alias_b[:1] == [name_a]) or (not w_a and alias_a[:1] == [name_b]))
-    if allowed:
-        return
-    first, second = sorted([(la, i, name_a), (lb, j, name_b)])
-    raise ValueError(
-        f"{op}: {first[2]}[{first[1]}] and {second[2]}[{second[1]}] share memory, and one of them is "
-        "written in place; the result would depend on the backend's order of reads and writes "
-        "(pass separate tensors, e.g. a .clone())")
+    return same_view and ((not w_b and alias_b[:1] == [name_a]) or (not w_a and alias_a[:1] == [name_b]))
 
 
 def check_scalar(op: str, name: str, s: torch.Tensor, device: torch.device, *, read: bool = True) -> None:
