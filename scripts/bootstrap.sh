@@ -37,7 +37,7 @@ import importlib.util
 want = {"scipy": "scipy", "pytorch_optimizer": "pytorch-optimizer==4.1.0",
         "torch_optimizer": "torch-optimizer==0.3.0", "peft": "peft==0.21.2",
         "transformers": "transformers==5.23.0", "accelerate": "accelerate==1.15.0",
-        "triton": "triton==3.9.0", "matplotlib": "matplotlib"}
+        "triton": "triton==3.9.0", "matplotlib": "matplotlib", "hypothesis": "hypothesis==6.170.17"}
 print(" ".join(pkg for mod, pkg in want.items() if importlib.util.find_spec(mod) is None))
 PY
 )
