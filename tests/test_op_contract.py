@@ -159,6 +159,17 @@ def test_fake_checks_stiefel_ops():
         torch.ops.llmopt_ext.philox_normal_(torch.empty(4, dtype=torch.float64, device="meta"), 1, 0)
 
 
+@needs_c
+@pytest.mark.parametrize("op", ["lora_merge_", "lora_unmerge_"])
+def test_lora_merge_fake_rejects_a_meta_adapter(op):
+    weight = torch.randn(4, 3)
+    before = weight.clone()
+    lora_A, lora_B = torch.randn(2, 3, device="meta"), torch.randn(4, 2)
+    with raises(ValueError, f"{op}: lora_A is on meta but weight is on cpu"):
+        getattr(torch.ops.llmopt_ext, op)(weight, lora_A, lora_B, torch.tensor(0.5))
+    assert torch.equal(weight, before)
+
+
 # ---------------------------------------------------------------------------
 # backends agree: the same clear error, nothing written
 

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import torch
 
+from ._lora_checks import check_merge
+
 
 def register() -> None:
     lib = "llmopt_ext::"
 
+    # check_merge reads no tensor value: it is what the reference checks, and a meta
+    # tensor among CPU ones (dispatched here) is rejected instead of silently accepted.
     @torch.library.register_fake(lib + "lora_merge_")
     def _lora_merge_(weight, lora_A, lora_B, scaling, fan_in_fan_out=False):
-        return None
+        check_merge("lora_merge_", weight, lora_A, lora_B, scaling, fan_in_fan_out)
 
     @torch.library.register_fake(lib + "lora_unmerge_")
     def _lora_unmerge_(weight, lora_A, lora_B, scaling, fan_in_fan_out=False):
-        return None
+        check_merge("lora_unmerge_", weight, lora_A, lora_B, scaling, fan_in_fan_out)
