@@ -5,6 +5,7 @@ argument on each, and nothing is written. Also: the dispatcher has a kernel for 
 dispatch keys ``llmopt_ext.backend`` claims, and a forced backend that cannot run raises."""
 from __future__ import annotations
 
+import functools
 import re
 
 import pytest
@@ -38,8 +39,10 @@ LIST_NAMES = {
 SCALAR_NAMES = {"mt_axpby_": ("a", "b"), "mt_cg_step_": ("alpha",), "mt_cg_direction_": ("beta",),
                 "adahessian_update_": ("step",)}
 
-# "dispatcher": torch.ops.llmopt_ext.<op>.default called directly
-PATHS = ["reference", pytest.param("cpu", marks=needs_c), pytest.param("dispatcher", marks=needs_c)]
+# "dispatcher": torch.ops.llmopt_ext.<op>.default called directly (a meta tensor sends it to
+# the Meta kernel, the fake); "cpu-kernel": redispatched to the CPU key, i.e. the C++ glue
+PATHS = ["reference", pytest.param("cpu", marks=needs_c), pytest.param("dispatcher", marks=needs_c),
+         pytest.param("cpu-kernel", marks=needs_c)]
 BACKENDS = ["reference", pytest.param("cpu", marks=needs_c)]
 
 
@@ -52,8 +55,10 @@ def make_args(op, device="cpu", shapes=((3,), (2, 5))):
 
 
 def call(path, op, lists, scalars, **extra):
-    if path == "dispatcher":
+    if path in ("dispatcher", "cpu-kernel"):
         f = getattr(torch.ops.llmopt_ext, op).default
+        if path == "cpu-kernel":
+            f = functools.partial(f.redispatch, torch._C.DispatchKeySet(torch._C.DispatchKey.CPU))
         if op == "sophia_update_":
             return f(*lists, *SOPHIA.values(), False, extra.get("grad_scale"))
         if op == "adahessian_update_":
