@@ -56,7 +56,7 @@ struct Span {
 };
 
 bool same_view(const at::Tensor& a, const at::Tensor& b) {
-  return a.data_ptr() == b.data_ptr() && a.sizes().equals(b.sizes()) &&
+  return a.const_data_ptr() == b.const_data_ptr() && a.sizes().equals(b.sizes()) &&
          a.strides().equals(b.strides()) && a.scalar_type() == b.scalar_type();
 }
 
@@ -77,6 +77,7 @@ bool may_share(const std::vector<ListArg>& lists, const Span& a, const Span& b) 
 }  // namespace
 
 void check_no_alias(const char* op, const std::vector<ListArg>& lists) {
+  if (std::none_of(lists.begin(), lists.end(), [](const ListArg& l) { return l.written; })) return;
   std::vector<Span> spans;
   for (size_t l = 0; l < lists.size(); ++l) {
     for (size_t i = 0; i < lists[l].tensors.size(); ++i) {
@@ -84,7 +85,7 @@ void check_no_alias(const char* op, const std::vector<ListArg>& lists) {
       if (!t.defined() || t.numel() == 0) continue;
       int64_t extent = 0;  // strides are >= 0 in torch
       for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d);
-      const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+      const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
       spans.push_back({begin, begin + static_cast<uintptr_t>((extent + 1) * t.element_size()), l, i});
     }
   }
