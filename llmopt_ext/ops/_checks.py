@@ -28,12 +28,9 @@ def _shape(t: torch.Tensor) -> str:
     return str(tuple(t.shape))
 
 
-def _raise_value(ok: bool, message: str) -> None:
-    torch._check_value(ok, lambda: message)
-
-
-def _raise_type(ok: bool, message: str) -> None:
-    torch._check_type(ok, lambda: message)
+# The messages are lambdas: formatted only on failure (the reference checks every tensor).
+_check_value = torch._check_value  # ValueError
+_check_type = torch._check_type  # TypeError
 
 
 # ---------------------------------------------------------------------------
@@ -117,23 +114,27 @@ def check_lists(op: str, lists: Sequence[ListSpec]) -> None:
     tensor i of every list shaped as tensor i of the first, one kernel dtype, one device,
     written tensors without internal overlap."""
     first_name, first = lists[0][0], lists[0][1]
-    _raise_value(len(first) > 0, f"{op}: {first_name} is an empty list")
+    _check_value(len(first) > 0, lambda: f"{op}: {first_name} is an empty list")
     t0 = first[0]
     for name, tensors, written, *_ in lists:
-        _raise_value(len(tensors) == len(first),
+        _check_value(len(tensors) == len(first), lambda:
                      f"{op}: {name} has {len(tensors)} tensors but {first_name} has {len(first)}")
         for i, t in enumerate(tensors):
-            _raise_type(isinstance(t, torch.Tensor), f"{op}: {name}[{i}] is a {type(t).__name__}, not a tensor")
-            _raise_type(t.dtype in KERNEL_DTYPES, f"{op}: {name}[{i}] has dtype {t.dtype}; expected "
+            _check_type(isinstance(t, torch.Tensor), lambda:
+                        f"{op}: {name}[{i}] is a {type(t).__name__}, not a tensor")
+            _check_type(t.dtype in KERNEL_DTYPES, lambda: f"{op}: {name}[{i}] has dtype {t.dtype}; expected "
                         "torch.float32, torch.bfloat16 or torch.float16")
-            _raise_type(t.dtype == t0.dtype, f"{op}: {name}[{i}] has dtype {t.dtype} but {first_name}[0] "
+            _check_type(t.dtype == t0.dtype, lambda:
+                        f"{op}: {name}[{i}] has dtype {t.dtype} but {first_name}[0] "
                         f"has {t0.dtype}; all tensors must share one dtype")
-            _raise_value(t.device == t0.device, f"{op}: {name}[{i}] is on {t.device} but {first_name}[0] "
+            _check_value(t.device == t0.device, lambda:
+                         f"{op}: {name}[{i}] is on {t.device} but {first_name}[0] "
                          f"is on {t0.device}")
-            _raise_value(t.shape == first[i].shape, f"{op}: {name}[{i}] has shape {_shape(t)} but "
+            _check_value(t.shape == first[i].shape, lambda: f"{op}: {name}[{i}] has shape {_shape(t)} but "
                          f"{first_name}[{i}] has shape {_shape(first[i])}")
             if written:
-                _raise_value(not _has_internal_overlap(t), f"{op}: {name}[{i}] has overlapping memory "
+                _check_value(not _has_internal_overlap(t), lambda:
+                             f"{op}: {name}[{i}] has overlapping memory "
                              "(e.g. an expanded tensor) and cannot be written in place")
 
 
@@ -196,11 +197,14 @@ def check_scalar(op: str, name: str, s: torch.Tensor, device: torch.device, *, r
     """A one-element floating tensor: on the CPU (read on the host; any lists' device) or on
     the lists' device as float32 (read by the kernel). read=False (fakes) skips the value
     check, which needs the data."""
-    _raise_value(s.numel() == 1, f"{op}: {name} must be a number or a tensor with one element")
-    _raise_type(s.dtype.is_floating_point, f"{op}: {name} has dtype {s.dtype}; expected a floating-point scalar")
+    _check_value(s.numel() == 1, lambda: f"{op}: {name} must be a number or a tensor with one element")
+    _check_type(s.dtype.is_floating_point, lambda:
+                f"{op}: {name} has dtype {s.dtype}; expected a floating-point scalar")
     if s.device.type != "cpu":
-        _raise_value(s.device == device, f"{op}: {name} is on {s.device} but the tensor lists are on {device}")
-        _raise_type(s.dtype == torch.float32, f"{op}: {name} on the device must be torch.float32 (it is read "
+        _check_value(s.device == device, lambda:
+                     f"{op}: {name} is on {s.device} but the tensor lists are on {device}")
+        _check_type(s.dtype == torch.float32, lambda:
+                    f"{op}: {name} on the device must be torch.float32 (it is read "
                     f"by the kernel), got {s.dtype}")
     elif read:
         check_float32_range(op, name, float(s.reshape(()).double()))
@@ -214,17 +218,20 @@ def check_optim_args(op: str, param_lists, state_lists) -> None:
     check_dense(op, [*param_lists, *state_lists])
     p_name, params = param_lists[0][0], param_lists[0][1]
     for name, tensors, *_ in state_lists:
-        _raise_value(len(tensors) == len(params),
+        _check_value(len(tensors) == len(params), lambda:
                      f"{op}: {name} has {len(tensors)} tensors but {p_name} has {len(params)}")
         for i, t in enumerate(tensors):
-            _raise_type(isinstance(t, torch.Tensor), f"{op}: {name}[{i}] is a {type(t).__name__}, not a tensor")
-            _raise_type(t.dtype == torch.float32,
+            _check_type(isinstance(t, torch.Tensor), lambda:
+                        f"{op}: {name}[{i}] is a {type(t).__name__}, not a tensor")
+            _check_type(t.dtype == torch.float32, lambda:
                         f"{op}: {name}[{i}] has dtype {t.dtype}; optimizer state must be torch.float32")
             p = params[i]
             if isinstance(p, torch.Tensor):
-                _raise_value(t.shape == p.shape, f"{op}: {name}[{i}] has shape {_shape(t)} but {p_name}[{i}] "
+                _check_value(t.shape == p.shape, lambda:
+                             f"{op}: {name}[{i}] has shape {_shape(t)} but {p_name}[{i}] "
                              f"has shape {_shape(p)}")
-                _raise_value(t.device == p.device, f"{op}: {name}[{i}] is on {t.device} but {p_name}[{i}] "
+                _check_value(t.device == p.device, lambda:
+                             f"{op}: {name}[{i}] is on {t.device} but {p_name}[{i}] "
                              f"is on {p.device}")
     check_lists(op, list(param_lists))
     check_lists(op, list(state_lists))
@@ -275,18 +282,21 @@ def check_step_value(op: str, t: float) -> None:
 
 def check_philox_normal(out: torch.Tensor, seed: int, offset: int) -> None:
     op = "philox_normal_"
-    _raise_type(out.dtype == torch.float32, f"{op}: out has dtype {out.dtype}; expected torch.float32")
-    _raise_value(out.is_contiguous(), f"{op}: out must be contiguous")
-    _raise_value(seed >= 0 and offset >= 0, f"{op}: seed and offset must be >= 0, got {seed}, {offset}")
+    _check_type(out.dtype == torch.float32, lambda:
+                f"{op}: out has dtype {out.dtype}; expected torch.float32")
+    _check_value(out.is_contiguous(), lambda: f"{op}: out must be contiguous")
+    _check_value(seed >= 0 and offset >= 0, lambda:
+                 f"{op}: seed and offset must be >= 0, got {seed}, {offset}")
 
 
 def check_orthonormalize(x: torch.Tensor) -> None:
     """X: a tall (m >= r >= 1) float32 / bfloat16 / float16 matrix."""
     op = "orthonormalize"
-    _raise_type(isinstance(x, torch.Tensor), f"{op}: X must be a tensor, got {type(x).__name__}")
-    _raise_value(x.dim() == 2, f"{op}: X must be a 2-D matrix, got shape {tuple(x.shape)}")
-    _raise_type(x.dtype in KERNEL_DTYPES,
+    _check_type(isinstance(x, torch.Tensor), lambda: f"{op}: X must be a tensor, got {type(x).__name__}")
+    _check_value(x.dim() == 2, lambda: f"{op}: X must be a 2-D matrix, got shape {tuple(x.shape)}")
+    _check_type(x.dtype in KERNEL_DTYPES, lambda:
                 f"{op}: X has dtype {x.dtype}; expected torch.float32, torch.bfloat16 or torch.float16")
-    _raise_value(x.shape[1] >= 1, f"{op}: X must have at least one column, got shape {tuple(x.shape)}")
-    _raise_value(x.shape[0] >= x.shape[1], f"{op}: X must be tall (rows >= columns), got shape "
+    _check_value(x.shape[1] >= 1, lambda:
+                 f"{op}: X must have at least one column, got shape {tuple(x.shape)}")
+    _check_value(x.shape[0] >= x.shape[1], lambda: f"{op}: X must be tall (rows >= columns), got shape "
                  f"{tuple(x.shape)}; orthonormalize the transpose for a wide matrix")
