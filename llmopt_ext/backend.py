@@ -60,6 +60,8 @@ def register_op(name: str, backends: tuple[str, ...], impls: dict[str, Impl] | N
     if unknown or not set(impls) <= set(backends):
         raise ValueError(f"{name}: unknown backends {sorted(unknown | (set(impls) - set(backends)))}")
     _OPS[name] = tuple(b for b in BACKENDS if b in backends)
+    for key in [k for k in _IMPLS if k[0] == name]:  # a re-declaration replaces the old one
+        del _IMPLS[key]
     for b, fn in impls.items():
         _IMPLS[(name, b)] = fn
 

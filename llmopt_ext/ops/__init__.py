@@ -13,9 +13,10 @@ from .stiefel import orthonormalize, philox_normal_, random_stiefel
 
 # lora_linear is not in the dispatcher: its "cpu" backend is composed ATen calls and its
 # "triton" one a Python module. Declared here for backend.resolve / backend.dispatcher_keys
-# until llmopt_ext/ops/lora.py declares its implementations itself.
-backend.register_op("lora_linear", backend.ops()["lora_linear"],
-                    {"cpu": _lora._lora_linear_aten, "triton": "llmopt_ext.ops.triton.lora:lora_linear"})
+# until llmopt_ext/ops/lora.py declares its implementations itself (then this is skipped).
+if ("lora_linear", "cpu") not in backend._IMPLS and hasattr(_lora, "_lora_linear_aten"):
+    backend.register_op("lora_linear", backend.ops()["lora_linear"],
+                        {"cpu": _lora._lora_linear_aten, "triton": "llmopt_ext.ops.triton.lora:lora_linear"})
 
 if _extension.loaded():
     from . import _fake
