@@ -1,8 +1,8 @@
 """Benchmark harness shared by every bench/bench_*.py.
 
-- ``measure(fn, device)``: median (and 20th/80th percentiles) of repeated runs; GPU timing
-  with CUDA events after a synchronize (or triton.testing.do_bench when available), never
-  wall-clock around an unsynchronised launch.
+- ``measure(fn, device)``: median (and 20th/80th percentiles) of repeated runs after a
+  warm-up; GPU timing with a pair of CUDA events per run (the end event is synchronised),
+  CPU timing with ``time.perf_counter``; never wall-clock around an unsynchronised launch.
 - ``copy_bandwidth(device)``: measured device copy bandwidth (GB/s), the roofline the
   memory-bound ops are reported against.
 - ``matmul_throughput(device, dtype)``: measured TFLOP/s of one large matmul, the compute

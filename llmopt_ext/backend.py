@@ -11,13 +11,17 @@ Forcing one path, for debugging and benchmarks::
 
 A forced path that the op lacks, that cannot run on the tensors' device, or that
 was not built raises RuntimeError; it never falls back silently.
+
+Op modules declare each op once with :func:`register_op` and call it through
+:func:`resolve`, which makes the choice above and returns the function to call.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import os
-from typing import Iterator
+from typing import Callable, Iterator, Union
 
 import torch
 
@@ -25,16 +29,57 @@ from . import _extension
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 
+# The dispatch key each compiled backend's kernel is registered under (TORCH_LIBRARY_IMPL
+# in csrc/torch/*_cpu.cpp, *_cuda.cpp); such ops also get a Meta kernel, their fake.
+DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+# An implementation: a callable, or "module:attribute" imported on first use (keeps e.g.
+# triton from being imported until its backend is chosen).
+Impl = Union[Callable, str]
+
 # op name -> backends that implement it, filled by llmopt_ext.ops modules
 _OPS: dict[str, tuple[str, ...]] = {}
+_IMPLS: dict[tuple[str, str], Impl] = {}
 _forced: list[str | None] = []  # innermost use(...) last
 
 
-def register_op(name: str, backends: tuple[str, ...]) -> None:
+def register_op(name: str, backends: tuple[str, ...], impls: dict[str, Impl] | None = None) -> None:
+    """Declares op `name` and the backends that implement it.
+
+    ``impls`` maps a backend to its implementation where the default does not apply. The
+    defaults: ``reference`` -> ``llmopt_ext.ops.reference.<name>``; ``cpu`` / ``cuda`` ->
+    ``torch.ops.llmopt_ext.<name>.default`` (the dispatcher then picks the CPU or CUDA kernel
+    from the tensors). ``triton`` has no default. E.g. lora_linear, whose CPU path is
+    composed ATen calls and whose Triton path is a Python module::
+
+        register_op("lora_linear", ("triton", "cpu", "reference"),
+                    {"triton": "llmopt_ext.ops.triton.lora:lora_linear", "cpu": _lora_linear_aten})
+    """
     unknown = set(backends) - set(BACKENDS)
-    if unknown:
-        raise ValueError(f"{name}: unknown backends {sorted(unknown)}")
+    impls = dict(impls or {})
+    if unknown or not set(impls) <= set(backends):
+        raise ValueError(f"{name}: unknown backends {sorted(unknown | (set(impls) - set(backends)))}")
     _OPS[name] = tuple(b for b in BACKENDS if b in backends)
+    for key in [k for k in _IMPLS if k[0] == name]:  # a re-declaration replaces the old one
+        del _IMPLS[key]
+    for b, fn in impls.items():
+        _IMPLS[(name, b)] = fn
+
+
+def dispatcher_keys(op: str) -> tuple[str, ...]:
+    """The dispatch keys ``torch.ops.llmopt_ext.<op>`` must have a kernel for in this build:
+    CPU / CUDA for each compiled backend that was built (and is not overridden by a Python
+    implementation), plus Meta (the fake) when there is any. Empty: the op is not in the
+    dispatcher (it runs as Python)."""
+    keys = []
+    for b in ("cpu", "cuda"):
+        if b in _OPS[op] and (op, b) not in _IMPLS and _built(b):
+            keys.append(DISPATCH_KEYS[b])
+    return tuple(keys + ["Meta"]) if keys else ()
+
+
+def _built(backend: str) -> bool:
+    return _extension.loaded() and (backend != "cuda" or _extension.built_with_cuda())
 
 
 def ops() -> dict[str, tuple[str, ...]]:
@@ -113,6 +158,34 @@ def use(backend: str | None) -> Iterator[None]:
         yield
     finally:
         _forced.pop()
+
+
+def _load(impl: Impl) -> Callable:
+    if callable(impl):
+        return impl
+    module, _, attr = impl.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def implementation(op: str, backend: str) -> Callable:
+    """The function that runs `op` on `backend` (see register_op for the defaults)."""
+    if backend not in _OPS[op]:
+        raise RuntimeError(f"{op} has no {backend} implementation (it has: {', '.join(_OPS[op])})")
+    impl = _IMPLS.get((op, backend))
+    if impl is not None:
+        return _load(impl)
+    if backend == "reference":
+        return getattr(importlib.import_module("llmopt_ext.ops.reference"), op)
+    if backend == "triton":
+        raise RuntimeError(f"{op}: its triton implementation was not given to register_op")
+    return getattr(torch.ops.llmopt_ext, op).default
+
+
+def resolve(op: str, device: torch.device) -> Callable:
+    """The function that runs `op` on tensors of `device`: the backend :func:`select` picks
+    (forced or automatic), as :func:`implementation`. Every op module calls its ops through
+    this; the caller has already validated the arguments it needs to pick `device`."""
+    return implementation(op, select(op, device))
 
 
 def select(op: str, device: torch.device) -> str:

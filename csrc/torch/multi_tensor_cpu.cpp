@@ -26,7 +26,7 @@ at::Tensor mt_norm_sq_cpu(at::TensorList xs) {
 }
 
 void mt_axpby_cpu(at::TensorList ys, at::TensorList xs, const at::Tensor& a, const at::Tensor& b) {
-  auto p = prepare_lists("mt_axpby_", {{"ys", ys, true}, {"xs", xs, false}});
+  auto p = prepare_lists("mt_axpby_", {{"ys", ys, true}, {"xs", xs, false, "ys"}});
   const ScalarValue av = scalar_value("mt_axpby_", "a", a, p.device);
   const ScalarValue bv = scalar_value("mt_axpby_", "b", b, p.device);
   cpu::mt_axpby(shape_of(p), {p.out(0)}, {p.in(1)}, av.value, bv.value);

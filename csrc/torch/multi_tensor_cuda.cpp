@@ -52,7 +52,7 @@ at::Tensor mt_norm_sq_cuda(at::TensorList xs) {
 
 void mt_axpby_cuda(at::TensorList ys, at::TensorList xs, const at::Tensor& a,
                    const at::Tensor& b) {
-  auto p = prepare_lists("mt_axpby_", {{"ys", ys, true}, {"xs", xs, false}});
+  auto p = prepare_lists("mt_axpby_", {{"ys", ys, true}, {"xs", xs, false, "ys"}});
   const ScalarValue av = scalar_value("mt_axpby_", "a", a, p.device);
   const ScalarValue bv = scalar_value("mt_axpby_", "b", b, p.device);
   const c10::cuda::CUDAGuard guard(p.device);

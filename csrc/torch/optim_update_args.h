@@ -55,12 +55,19 @@ inline OptimPrepared prepare_optim(const char* op, std::initializer_list<ListArg
   // prepare_lists validates everything of its group before returning; the
   // state group is validated before any kernel runs, so nothing is written
   // on error.
-  OptimPrepared out{prepare_lists(op, param_lists), prepare_lists(op, state_lists)};
+  OptimPrepared out{prepare_lists(op, param_lists, /*alias_check=*/false),
+                    prepare_lists(op, state_lists, /*alias_check=*/false)};
+  std::vector<ListArg> all(param_lists);
+  all.insert(all.end(), state_lists.begin(), state_lists.end());
+  check_no_alias(op, all);  // once over both groups: the pair reported is the first of all
   return out;
 }
 
 inline void check_hyper(const char* op, const char* name, double v, bool ok, const char* want) {
   TORCH_CHECK_VALUE(std::isfinite(v) && ok, op, ": ", name, " = ", v, "; expected ", want);
+  // The kernels use float32 coefficients: 1e300 would silently become inf.
+  TORCH_CHECK_VALUE(std::isfinite(static_cast<float>(v)), op, ": ", name, " = ", v,
+                    " overflows torch.float32 (scalars are rounded to float32)");
 }
 
 inline void check_betas(const char* op, const char* name, double b) {

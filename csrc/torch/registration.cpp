@@ -1,11 +1,14 @@
 // The one place where the schemas of all llmopt_ext ops are defined, plus the
 // Python module stub `llmopt_ext._C`. Backend files (*_cpu.cpp, *_cuda.cpp)
-// only register implementations; fake (meta) implementations for
-// torch.compile live in llmopt_ext/ops/_fake.py.
+// only register implementations; the fake (meta) implementation of each op,
+// for torch.compile and FakeTensorMode, is registered in Python next to the
+// op's wrapper (llmopt_ext/ops/multi_tensor.py, optim_update.py, stiefel.py;
+// the LoRA merge fakes in llmopt_ext/ops/_fake.py).
 //
 // The module is a hand-written PyInit stub rather than pybind11: importing it
-// runs the static registrations below, and skipping <torch/extension.h> cuts
-// the compile of this file from ~55 s to ~12 s (BUILD-NOTES.md).
+// runs the static registrations below, and skipping <torch/extension.h> (and
+// the pybind11 headers it pulls in) cuts the compile of this file from ~55 s
+// to ~12 s.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -31,8 +34,11 @@ TORCH_LIBRARY(llmopt_ext, m) {
       "Tensor? found_inf=None) -> ()");
 
   // ---- LoRA merge / unmerge (llmopt_ext/ops/lora.py): W +/- s * B A in place,
-  // accumulated in float32 and rounded once into W's dtype. lora_linear is a
-  // Python custom op (Triton kernels + composed ATen calls), not defined here.
+  // accumulated in float32 and rounded once into W's dtype. lora_linear is not
+  // an op of this library: it is a plain Python function (llmopt_ext.ops.lora)
+  // that calls composed ATen ops under a torch.autograd.Function on CPU, or the
+  // Triton kernels, which are registered from Python with torch.library.custom_op
+  // as llmopt_ext::lora_linear_triton_fwd / _bwd (llmopt_ext/ops/triton/lora.py).
   m.def(
       "lora_merge_(Tensor(a!) weight, Tensor lora_A, Tensor lora_B, Tensor scaling, "
       "bool fan_in_fan_out=False) -> ()");

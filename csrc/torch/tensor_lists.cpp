@@ -3,8 +3,13 @@
 #include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <sstream>
 #include <string>
+#include <utility>
 
 namespace llmopt_ext {
 namespace {
@@ -44,9 +49,75 @@ std::optional<DType> kernel_dtype(at::ScalarType t) {
   }
 }
 
+// The bytes tensor i of list `list` can touch: [begin, end).
+struct Span {
+  uintptr_t begin, end;
+  size_t list, index;
+};
+
+bool same_view(const at::Tensor& a, const at::Tensor& b) {
+  return a.const_data_ptr() == b.const_data_ptr() && a.sizes().equals(b.sizes()) &&
+         a.strides().equals(b.strides()) && a.scalar_type() == b.scalar_type();
+}
+
+bool may_alias(const ListArg& read, const ListArg& written) {
+  return !read.written && read.may_alias != nullptr && std::strcmp(read.may_alias, written.name) == 0;
+}
+
+// Whether tensor a.index of list a.list and tensor b.index of list b.list,
+// whose byte ranges overlap, may share memory.
+bool may_share(const std::vector<ListArg>& lists, const Span& a, const Span& b) {
+  const ListArg& la = lists[a.list];
+  const ListArg& lb = lists[b.list];
+  if (!la.written && !lb.written) return true;
+  return a.index == b.index && same_view(la.tensors[a.index], lb.tensors[b.index]) &&
+         (may_alias(la, lb) || may_alias(lb, la));
+}
+
 }  // namespace
 
-PreparedLists prepare_lists(const char* op, std::initializer_list<ListArg> lists) {
+void check_no_alias(const char* op, const std::vector<ListArg>& lists) {
+  if (std::none_of(lists.begin(), lists.end(), [](const ListArg& l) { return l.written; })) return;
+  std::vector<Span> spans;
+  for (size_t l = 0; l < lists.size(); ++l) {
+    for (size_t i = 0; i < lists[l].tensors.size(); ++i) {
+      const at::Tensor& t = lists[l].tensors[i];
+      if (!t.defined() || t.numel() == 0) continue;
+      int64_t extent = 0;  // strides are >= 0 in torch
+      for (int64_t d = 0; d < t.dim(); ++d) extent += (t.size(d) - 1) * t.stride(d);
+      const auto begin = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+      spans.push_back({begin, begin + static_cast<uintptr_t>((extent + 1) * t.element_size()), l, i});
+    }
+  }
+  // Sorted by first byte, each span is compared only with the spans that start
+  // before it ends: O(n log n) for lists without sharing.
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) {
+    return a.begin != b.begin ? a.begin < b.begin
+                              : (a.end != b.end ? a.end < b.end
+                                                : (a.list != b.list ? a.list < b.list : a.index < b.index));
+  });
+  // The first conflicting pair in argument order (list, index), whatever the addresses.
+  using Arg = std::pair<size_t, size_t>;
+  std::optional<std::pair<Arg, Arg>> first;
+  for (size_t k = 0; k < spans.size(); ++k) {
+    for (size_t m = k + 1; m < spans.size() && spans[m].begin < spans[k].end; ++m) {
+      if (may_share(lists, spans[k], spans[m])) continue;
+      Arg a{spans[k].list, spans[k].index}, b{spans[m].list, spans[m].index};
+      if (b < a) std::swap(a, b);
+      if (!first || std::make_pair(a, b) < *first) first = std::make_pair(a, b);
+    }
+  }
+  if (!first) return;
+  const auto& [a, b] = *first;
+  TORCH_CHECK_VALUE(false, op, ": ", lists[a.first].name, "[", a.second, "] and ",
+                    lists[b.first].name, "[", b.second,
+                    "] share memory, and one of them is written in place; the result would "
+                    "depend on the backend's order of reads and writes (pass separate tensors, "
+                    "e.g. a .clone())");
+}
+
+PreparedLists prepare_lists(const char* op, std::initializer_list<ListArg> lists,
+                            bool alias_check) {
   TORCH_CHECK(lists.size() > 0, op, ": no tensor lists");
   const ListArg& first = *lists.begin();
   TORCH_CHECK_VALUE(!first.tensors.empty(), op, ": ", first.name, " is an empty list");
@@ -84,6 +155,8 @@ PreparedLists prepare_lists(const char* op, std::initializer_list<ListArg> lists
     }
   }
 
+  if (alias_check) check_no_alias(op, std::vector<ListArg>(lists));
+
   p.dtype = *kdt;
   p.numels.reserve(n);
   for (size_t i = 0; i < n; ++i) p.numels.push_back(first.tensors[i].numel());
@@ -116,7 +189,15 @@ ScalarValue scalar_value(const char* op, const char* name, const at::Tensor& s,
                     " must be a number or a tensor with one element");
   TORCH_CHECK_TYPE(at::isFloatingType(s.scalar_type()), op, ": ", name, " has dtype ",
                    dtype_str(s.scalar_type()), "; expected a floating-point scalar");
-  if (s.device().is_cpu()) return {s.item<float>(), nullptr};
+  if (s.device().is_cpu()) {
+    // Read as double so a finite float64 value beyond float32's range (e.g. 1e300)
+    // is a clear error naming the argument, not c10's "cannot be converted" message.
+    const double v = s.item<double>();
+    const float f = static_cast<float>(v);
+    TORCH_CHECK_VALUE(!std::isfinite(v) || std::isfinite(f), op, ": ", name, " = ", v,
+                      " overflows torch.float32 (scalars are rounded to float32)");
+    return {f, nullptr};
+  }
   TORCH_CHECK_VALUE(s.device() == device, op, ": ", name, " is on ", s.device(),
                     " but the tensor lists are on ", device);
   TORCH_CHECK_TYPE(s.scalar_type() == at::kFloat, op, ": ", name,

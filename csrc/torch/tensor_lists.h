@@ -13,12 +13,14 @@
 
 namespace llmopt_ext {
 
-// One list argument of an op: its name in the schema, the tensors, and
-// whether the op writes it.
+// One list argument of an op: its name in the schema, the tensors, whether
+// the op writes it, and (read-only lists) the name of a written list whose
+// tensor i this list may be at index i (mt_axpby_'s xs may be its ys).
 struct ListArg {
   const char* name;
   at::TensorList tensors;
   bool written;
+  const char* may_alias = nullptr;
 };
 
 // The checked lists, as raw pointers for the kernels. Lists the op writes
@@ -36,7 +38,8 @@ class PreparedLists {
   void finish();
 
  private:
-  friend PreparedLists prepare_lists(const char* op, std::initializer_list<ListArg> lists);
+  friend PreparedLists prepare_lists(const char* op, std::initializer_list<ListArg> lists,
+                                     bool alias_check);
   std::vector<std::vector<at::Tensor>> keep_;         // keeps contiguous copies alive
   std::vector<std::vector<const void*>> ptrs_;
   std::vector<std::pair<at::Tensor, at::Tensor>> copy_back_;  // (user tensor, temporary)
@@ -45,8 +48,19 @@ class PreparedLists {
 // Checks that every list has as many tensors as the first (which must be
 // non-empty), and that tensor i of every list has the shape of tensor i of the
 // first list, one floating dtype (float32, bfloat16 or float16) and one device
-// shared by all tensors of all lists. Errors name the op and the argument.
-PreparedLists prepare_lists(const char* op, std::initializer_list<ListArg> lists);
+// shared by all tensors of all lists, and (alias_check) check_no_alias.
+// Errors name the op and the argument.
+PreparedLists prepare_lists(const char* op, std::initializer_list<ListArg> lists,
+                            bool alias_check = true);
+
+// A written tensor may share no memory with any other tensor of `lists`
+// (byte ranges compared, so interleaved views such as t[::2] / t[1::2] count
+// as sharing): the kernels read and write element by element, or through
+// contiguous temporaries, and the result would depend on that order. The one
+// exception is ListArg::may_alias: the very same view (first element, sizes,
+// strides) at the same index. Same rule and words as check_no_alias() in
+// llmopt_ext/ops/_checks.py.
+void check_no_alias(const char* op, const std::vector<ListArg>& lists);
 
 // A scalar coefficient given as a tensor with one element: a CPU tensor is
 // read on the host (free), a tensor on the lists' device must be float32 and

@@ -10,7 +10,12 @@ device, tensor ``i`` of every list having the shape of tensor ``i`` of the first
 Arithmetic is float64 inside, each stored element rounded once into its dtype, and
 reductions return float32 tensors with no host sync. Scalars (``a``, ``b``, ``alpha``,
 ``beta``) are Python numbers or one-element tensors (a float32 tensor on the lists'
-device is read by the kernel without a sync); they are rounded to float32.
+device is read by the kernel without a sync); they are rounded to float32, and a finite
+value beyond float32's range is an error.
+
+In-place ops write outside autograd (call them under ``torch.no_grad()`` when a written
+tensor requires grad), and a written tensor may share no memory with another argument,
+except that ``mt_axpby_``'s ``xs`` may be its ``ys`` (see ``_checks.check_no_alias``).
 
 Steihaug-CG with these ops, per iteration (one HVP, three vector-op launches)::
 
@@ -20,13 +25,13 @@ Steihaug-CG with these ops, per iteration (one HVP, three vector-op launches)::
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
 from .. import _extension, backend
-from . import reference
-from ._checks import as_list
+from ._checks import (as_list, check_lists, check_scalar, check_written_grad, first_tensor,
+                      optional_list, scalar)
 
 Scalar = float | torch.Tensor
 TensorList = Sequence[torch.Tensor]
@@ -36,50 +41,30 @@ for _name in ("mt_dot", "mt_norm_sq", "mt_axpby_", "mt_cg_step_", "mt_cg_directi
     backend.register_op(_name, _BACKENDS)
 
 
-def _impl(op: str, first: list[torch.Tensor], first_name: str) -> Callable:
-    if not first:
-        raise ValueError(f"{op}: {first_name} is an empty list")
-    if not isinstance(first[0], torch.Tensor):
-        raise TypeError(f"{op}: {first_name}[0] is a {type(first[0]).__name__}, not a tensor")
-    chosen = backend.select(op, first[0].device)
-    if chosen == "reference":
-        return getattr(reference, op)
-    return getattr(torch.ops.llmopt_ext, op).default
-
-
-def _scalar(op: str, name: str, value: Scalar) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return torch.tensor(float(value), dtype=torch.float32)  # CPU: read on the host, no sync
-    raise TypeError(f"{op}: {name} must be a float or a one-element tensor, got {type(value).__name__}")
-
-
-def _optional_list(op: str, name: str, value) -> list[torch.Tensor] | None:
-    return None if value is None else as_list(op, name, value)
-
-
 def mt_dot(xs: TensorList, ys: TensorList) -> torch.Tensor:
     """Sum over the lists of the dot products ``<xs[i], ys[i]>``.
 
     Returns a 0-dim float32 tensor on the lists' device (no host sync).
     """
-    xs, ys = as_list("mt_dot", "xs", xs), as_list("mt_dot", "ys", ys)
-    return _impl("mt_dot", xs, "xs")(xs, ys)
+    op = "mt_dot"
+    xs, ys = as_list(op, "xs", xs), as_list(op, "ys", ys)
+    return backend.resolve(op, first_tensor(op, "xs", xs).device)(xs, ys)
 
 
 def mt_norm_sq(xs: TensorList) -> torch.Tensor:
     """Squared 2-norm of the concatenation of ``xs``: ``sum_i ||xs[i]||^2`` (0-dim float32)."""
-    xs = as_list("mt_norm_sq", "xs", xs)
-    return _impl("mt_norm_sq", xs, "xs")(xs)
+    op = "mt_norm_sq"
+    xs = as_list(op, "xs", xs)
+    return backend.resolve(op, first_tensor(op, "xs", xs).device)(xs)
 
 
 def mt_axpby_(ys: TensorList, xs: TensorList, a: Scalar, b: Scalar) -> None:
     """In place: ``ys[i] = a * xs[i] + b * ys[i]`` for every i. ``xs`` may be ``ys``."""
     op = "mt_axpby_"
     ys, xs = as_list(op, "ys", ys), as_list(op, "xs", xs)
-    fn = _impl(op, ys, "ys")
-    fn(ys, xs, _scalar(op, "a", a), _scalar(op, "b", b))
+    check_written_grad(op, [("ys", ys, True)])
+    fn = backend.resolve(op, first_tensor(op, "ys", ys).device)
+    fn(ys, xs, scalar(op, "a", a), scalar(op, "b", b))
 
 
 def mt_cg_step_(
@@ -100,8 +85,9 @@ def mt_cg_step_(
     op = "mt_cg_step_"
     xs, rs = as_list(op, "xs", xs), as_list(op, "rs", rs)
     ps, hps = as_list(op, "ps", ps), as_list(op, "hps", hps)
-    fn = _impl(op, xs, "xs")
-    return fn(xs, rs, ps, hps, _scalar(op, "alpha", alpha), _optional_list(op, "minv", minv))
+    check_written_grad(op, [("xs", xs, True), ("rs", rs, True)])
+    fn = backend.resolve(op, first_tensor(op, "xs", xs).device)
+    return fn(xs, rs, ps, hps, scalar(op, "alpha", alpha), optional_list(op, "minv", minv))
 
 
 def mt_cg_direction_(
@@ -111,10 +97,55 @@ def mt_cg_direction_(
     (``M^-1 = diag(minv)``, the identity when None)."""
     op = "mt_cg_direction_"
     ps, rs = as_list(op, "ps", ps), as_list(op, "rs", rs)
-    fn = _impl(op, ps, "ps")
-    fn(ps, rs, _scalar(op, "beta", beta), _optional_list(op, "minv", minv))
+    check_written_grad(op, [("ps", ps, True)])
+    fn = backend.resolve(op, first_tensor(op, "ps", ps).device)
+    fn(ps, rs, scalar(op, "beta", beta), optional_list(op, "minv", minv))
 
 
-def kernels_loaded() -> bool:
-    """True when the compiled kernels (``llmopt_ext._C``) are loaded."""
-    return _extension.loaded()
+# ---------------------------------------------------------------------------
+# fakes (torch.compile, FakeTensorMode, meta tensors): the reference's checks without
+# reading any value. A list holding one meta tensor among CPU tensors is dispatched here
+# (Meta outranks CPU), so these checks are what rejects it on the compiled path.
+
+def _reduction_out(xs: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.empty(shape, dtype=torch.float32, device=xs[0].device)
+
+
+def _fake_mt_dot(xs, ys):
+    check_lists("mt_dot", [("xs", xs, False), ("ys", ys, False)])
+    return _reduction_out(xs, ())
+
+
+def _fake_mt_norm_sq(xs):
+    check_lists("mt_norm_sq", [("xs", xs, False)])
+    return _reduction_out(xs, ())
+
+
+def _fake_mt_axpby_(ys, xs, a, b):
+    op = "mt_axpby_"
+    check_lists(op, [("ys", ys, True), ("xs", xs, False)])
+    check_scalar(op, "a", a, ys[0].device, read=False)
+    check_scalar(op, "b", b, ys[0].device, read=False)
+
+
+def _cg_lists(names, written, lists, minv):
+    specs = [(n, ts, w) for n, ts, w in zip(names, lists, written)]
+    return specs + ([("minv", minv, False)] if minv is not None else [])
+
+
+def _fake_mt_cg_step_(xs, rs, ps, hps, alpha, minv=None):
+    op = "mt_cg_step_"
+    check_lists(op, _cg_lists(("xs", "rs", "ps", "hps"), (True, True, False, False), (xs, rs, ps, hps), minv))
+    check_scalar(op, "alpha", alpha, xs[0].device, read=False)
+    return _reduction_out(xs, (3,))
+
+
+def _fake_mt_cg_direction_(ps, rs, beta, minv=None):
+    op = "mt_cg_direction_"
+    check_lists(op, _cg_lists(("ps", "rs"), (True, False), (ps, rs), minv))
+    check_scalar(op, "beta", beta, ps[0].device, read=False)
+
+
+if _extension.loaded():  # _C defines the schemas the fakes attach to
+    for _name in ("mt_dot", "mt_norm_sq", "mt_axpby_", "mt_cg_step_", "mt_cg_direction_"):
+        torch.library.register_fake("llmopt_ext::" + _name, globals()["_fake_" + _name])

@@ -13,16 +13,20 @@ parameters' shapes. Math is float32 and each parameter is rounded once into its 
 hands to optimizers with ``_step_supports_amp_scaling``: gradients are divided by
 ``grad_scale`` and the whole update is skipped when ``found_inf != 0``; on GPU both are
 read by the kernel (no host sync).
+
+Every backend rejects the same inputs before writing anything: a written tensor that
+requires grad while grad mode is on, one that shares memory with another argument, a
+hyper-parameter that is not finite in float32, ``step`` < 1 or NaN.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
-from .. import backend
-from . import reference
-from ._checks import as_list
+from .. import _extension, backend
+from ._checks import (as_list, check_adahessian_hyper, check_dense, check_optim_args, check_scalar,
+                      check_sophia_hyper, check_step_value, check_written_grad, first_tensor, scalar)
 
 TensorList = Sequence[torch.Tensor]
 
@@ -31,39 +35,17 @@ for _name in ("sophia_update_", "adahessian_update_"):
     backend.register_op(_name, _BACKENDS)
 
 
-def _impl(op: str, params: list[torch.Tensor]) -> Callable:
-    if not params:
-        raise ValueError(f"{op}: params is an empty list")
-    if not isinstance(params[0], torch.Tensor):
-        raise TypeError(f"{op}: params[0] is a {type(params[0]).__name__}, not a tensor")
-    if backend.select(op, params[0].device) == "reference":
-        return getattr(reference, op)
-    return getattr(torch.ops.llmopt_ext, op).default
+def _lists(op: str, **lists) -> list[list[torch.Tensor]]:
+    """The list arguments as lists of tensors; params (the first) decides the backend."""
+    out = [as_list(op, name, v) for name, v in lists.items()]
+    check_dense(op, [(name, ts) for name, ts in zip(lists, out)])
+    first_tensor(op, "params", out[0])
+    return out
 
 
-def _check_dense(op: str, **lists) -> None:
-    # The dispatcher would route a sparse tensor to a SparseCPU/SparseCUDA kernel that does
-    # not exist; say what is wrong instead.
-    for name, ts in lists.items():
-        for i, t in enumerate(ts):
-            if isinstance(t, torch.Tensor) and t.layout != torch.strided:
-                raise ValueError(f"{op}: {name}[{i}] is sparse; only dense (strided) tensors are supported")
-
-
-def _number(op: str, name: str, v) -> float:
-    if isinstance(v, torch.Tensor) and v.numel() == 1 and v.device.type == "cpu":
-        return float(v)
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return float(v)
-    raise TypeError(f"{op}: {name} must be a float, got {type(v).__name__}")
-
-
-def _step_tensor(op: str, step, device: torch.device) -> torch.Tensor:
-    if isinstance(step, torch.Tensor):
-        return step
-    if isinstance(step, (int, float)) and not isinstance(step, bool):
-        return torch.tensor(float(step), dtype=torch.float32)  # CPU: read on the host
-    raise TypeError(f"{op}: step must be a number or a one-element tensor, got {type(step).__name__}")
+def _written_grad(op: str, params, *state) -> None:
+    names = ("exp_avgs", "exp_hessian_diag_sqs")
+    check_written_grad(op, [("params", params, True), *[(n, ts, True) for n, ts in zip(names, state)]])
 
 
 def sophia_update_(
@@ -92,13 +74,13 @@ def sophia_update_(
     ``hessians`` is the float32 Hessian-diagonal EMA ``h`` (updated by the optimizer).
     """
     op = "sophia_update_"
-    params, grads = as_list(op, "params", params), as_list(op, "grads", grads)
-    exp_avgs, hessians = as_list(op, "exp_avgs", exp_avgs), as_list(op, "hessians", hessians)
-    _check_dense(op, params=params, grads=grads, exp_avgs=exp_avgs, hessians=hessians)
-    fn = _impl(op, params)
-    fn(params, grads, exp_avgs, hessians, _number(op, "lr", lr), _number(op, "beta1", beta1),
-       _number(op, "rho", rho), _number(op, "weight_decay", weight_decay), _number(op, "eps", eps),
-       bool(clip), grad_scale, found_inf)
+    params, grads, exp_avgs, hessians = _lists(op, params=params, grads=grads, exp_avgs=exp_avgs,
+                                               hessians=hessians)
+    _written_grad(op, params, exp_avgs)
+    hyper = [scalar(op, n, v, host=True) for n, v in
+             (("lr", lr), ("beta1", beta1), ("rho", rho), ("weight_decay", weight_decay), ("eps", eps))]
+    fn = backend.resolve(op, params[0].device)
+    fn(params, grads, exp_avgs, hessians, *hyper, bool(clip), grad_scale, found_inf)
 
 
 def adahessian_update_(
@@ -129,14 +111,51 @@ def adahessian_update_(
     ``grad_scale`` divides both g and d (both come from the scaled loss).
     """
     op = "adahessian_update_"
-    params, grads = as_list(op, "params", params), as_list(op, "grads", grads)
-    exp_avgs = as_list(op, "exp_avgs", exp_avgs)
-    exp_hessian_diag_sqs = as_list(op, "exp_hessian_diag_sqs", exp_hessian_diag_sqs)
-    hessians = as_list(op, "hessians", hessians)
-    _check_dense(op, params=params, grads=grads, exp_avgs=exp_avgs,
-                 exp_hessian_diag_sqs=exp_hessian_diag_sqs, hessians=hessians)
-    fn = _impl(op, params)
-    fn(params, grads, exp_avgs, exp_hessian_diag_sqs, hessians,
-       _step_tensor(op, step, params[0].device), _number(op, "lr", lr), _number(op, "beta1", beta1),
-       _number(op, "beta2", beta2), _number(op, "weight_decay", weight_decay), _number(op, "eps", eps),
-       _number(op, "hessian_power", hessian_power), grad_scale, found_inf)
+    params, grads, exp_avgs, exp_hessian_diag_sqs, hessians = _lists(
+        op, params=params, grads=grads, exp_avgs=exp_avgs, exp_hessian_diag_sqs=exp_hessian_diag_sqs,
+        hessians=hessians)
+    _written_grad(op, params, exp_avgs, exp_hessian_diag_sqs)
+    step_t = scalar(op, "step", step)
+    if not isinstance(step, torch.Tensor):  # a tensor is checked by the backend (no sync here)
+        check_step_value(op, float(step))
+    hyper = [scalar(op, n, v, host=True) for n, v in
+             (("lr", lr), ("beta1", beta1), ("beta2", beta2), ("weight_decay", weight_decay), ("eps", eps),
+              ("hessian_power", hessian_power))]
+    fn = backend.resolve(op, params[0].device)
+    fn(params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, step_t, *hyper, grad_scale, found_inf)
+
+
+# ---------------------------------------------------------------------------
+# fakes (torch.compile, FakeTensorMode, meta tensors): the reference's checks without
+# reading any tensor's value; a meta tensor among CPU ones is dispatched here.
+
+def _fake_amp(op: str, device, grad_scale, found_inf) -> None:
+    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if t is not None:
+            check_scalar(op, name, t, device, read=False)
+
+
+def _fake_sophia_update_(params, grads, exp_avgs, hessians, lr, beta1, rho, weight_decay, eps,
+                         clip=False, grad_scale=None, found_inf=None):
+    op = "sophia_update_"
+    check_sophia_hyper(lr, beta1, rho, weight_decay, eps)
+    check_optim_args(op, [("params", params, True), ("grads", grads, False)],
+                     [("exp_avgs", exp_avgs, True), ("hessians", hessians, False)])
+    _fake_amp(op, params[0].device, grad_scale, found_inf)
+
+
+def _fake_adahessian_update_(params, grads, exp_avgs, exp_hessian_diag_sqs, hessians, step, lr,
+                             beta1, beta2, weight_decay, eps, hessian_power, grad_scale=None,
+                             found_inf=None):
+    op = "adahessian_update_"
+    check_adahessian_hyper(lr, beta1, beta2, weight_decay, eps, hessian_power)
+    check_optim_args(op, [("params", params, True), ("grads", grads, False)],
+                     [("exp_avgs", exp_avgs, True), ("exp_hessian_diag_sqs", exp_hessian_diag_sqs, True),
+                      ("hessians", hessians, False)])
+    check_scalar(op, "step", step, params[0].device, read=False)
+    _fake_amp(op, params[0].device, grad_scale, found_inf)
+
+
+if _extension.loaded():  # _C defines the schemas the fakes attach to
+    torch.library.register_fake("llmopt_ext::sophia_update_", _fake_sophia_update_)
+    torch.library.register_fake("llmopt_ext::adahessian_update_", _fake_adahessian_update_)

@@ -16,8 +16,9 @@ from typing import Sequence
 
 import torch
 
-from ._checks import (check_adahessian_hyper, check_lists, check_optim_args, check_scalar,
-                      check_sophia_hyper)
+from ._checks import (check_adahessian_hyper, check_lists, check_no_alias, check_optim_args,
+                      check_orthonormalize, check_philox_normal, check_scalar, check_sophia_hyper,
+                      check_step_value)
 
 TensorList = Sequence[torch.Tensor]
 
@@ -79,7 +80,9 @@ def mt_norm_sq(xs: TensorList) -> torch.Tensor:
 
 def mt_axpby_(ys: TensorList, xs: TensorList, a: torch.Tensor, b: torch.Tensor) -> None:
     """ys[i] = a * xs[i] + b * ys[i]"""
-    check_lists("mt_axpby_", [("ys", ys, True), ("xs", xs, False)])
+    lists = [("ys", ys, True), ("xs", xs, False, "ys")]  # xs may be ys
+    check_lists("mt_axpby_", lists)
+    check_no_alias("mt_axpby_", lists)
     check_scalar("mt_axpby_", "a", a, ys[0].device)
     check_scalar("mt_axpby_", "b", b, ys[0].device)
     a64, b64 = _coef(a), _coef(b)
@@ -101,6 +104,7 @@ def mt_cg_step_(
     if minv is not None:
         lists.append(("minv", minv, False))
     check_lists("mt_cg_step_", lists)
+    check_no_alias("mt_cg_step_", lists)
     check_scalar("mt_cg_step_", "alpha", alpha, xs[0].device)
     a = _coef(alpha)
     x_sq, r_sq, r_z = _zero(xs[0]), _zero(xs[0]), _zero(xs[0])
@@ -125,6 +129,7 @@ def mt_cg_direction_(
     if minv is not None:
         lists.append(("minv", minv, False))
     check_lists("mt_cg_direction_", lists)
+    check_no_alias("mt_cg_direction_", lists)
     check_scalar("mt_cg_direction_", "beta", beta, ps[0].device)
     b = _coef(beta)
     for i, (p, r) in enumerate(zip(ps, rs)):
@@ -186,8 +191,10 @@ def sophia_update_(
     (For SophiaG pass rho = rho * bs.) g = grad / grad_scale; nothing happens when
     found_inf != 0."""
     op = "sophia_update_"
-    check_optim_args(op, [("params", params, True), ("grads", grads, False)],
-                     [("exp_avgs", exp_avgs, True), ("hessians", hessians, False)])
+    param_lists = [("params", params, True), ("grads", grads, False)]
+    state_lists = [("exp_avgs", exp_avgs, True), ("hessians", hessians, False)]
+    check_optim_args(op, param_lists, state_lists)
+    check_no_alias(op, param_lists + state_lists)
     check_sophia_hyper(lr, beta1, rho, weight_decay, eps)
     skip, scale = _amp(op, grad_scale, found_inf, params[0].device)
     if skip:
@@ -232,14 +239,15 @@ def adahessian_update_(
     with d the Hessian-diagonal estimate (hessians). g and d are divided by grad_scale;
     nothing happens when found_inf != 0."""
     op = "adahessian_update_"
-    check_optim_args(op, [("params", params, True), ("grads", grads, False)],
-                     [("exp_avgs", exp_avgs, True), ("exp_hessian_diag_sqs", exp_hessian_diag_sqs, True),
-                      ("hessians", hessians, False)])
+    param_lists = [("params", params, True), ("grads", grads, False)]
+    state_lists = [("exp_avgs", exp_avgs, True), ("exp_hessian_diag_sqs", exp_hessian_diag_sqs, True),
+                   ("hessians", hessians, False)]
+    check_optim_args(op, param_lists, state_lists)
+    check_no_alias(op, param_lists + state_lists)
     check_adahessian_hyper(lr, beta1, beta2, weight_decay, eps, hessian_power)
     check_scalar(op, "step", step, params[0].device)
     t = float(step.reshape(()).to(torch.float32))
-    if t < 1.0:
-        raise ValueError(f"{op}: step = {t:g}; expected >= 1")
+    check_step_value(op, t)
     skip, scale = _amp(op, grad_scale, found_inf, params[0].device)
     if skip:
         return
@@ -369,12 +377,7 @@ def philox_normal_(out: torch.Tensor, seed: int, offset: int) -> None:
     """Fill contiguous float32 `out` with N(0, 1) variates: flat element i is a pure function of
     (seed, offset, i) — Philox-4x32-10 with counter (i // 4, offset) and key seed, then
     Box-Muller in float64 on lanes (0, 1) and (2, 3), rounded once to float32."""
-    if out.dtype != torch.float32:
-        raise TypeError(f"philox_normal_: out has dtype {out.dtype}; expected torch.float32")
-    if not out.is_contiguous():
-        raise ValueError("philox_normal_: out must be contiguous")
-    if seed < 0 or offset < 0:
-        raise ValueError(f"philox_normal_: seed and offset must be >= 0, got {seed}, {offset}")
+    check_philox_normal(out, seed, offset)
     n = out.numel()
     if n == 0:
         return
@@ -392,21 +395,6 @@ def philox_normal_(out: torch.Tensor, seed: int, offset: int) -> None:
     out.copy_(torch.stack(z, dim=1).reshape(-1)[:n].to(torch.float32).view(out.shape))
 
 
-def _check_orthonormalize(x: torch.Tensor) -> None:
-    op = "orthonormalize"
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: X must be a tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"{op}: X must be a 2-D matrix, got shape {tuple(x.shape)}")
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"{op}: X has dtype {x.dtype}; expected torch.float32, torch.bfloat16 or torch.float16")
-    if x.shape[1] < 1:
-        raise ValueError(f"{op}: X must have at least one column, got shape {tuple(x.shape)}")
-    if x.shape[0] < x.shape[1]:
-        raise ValueError(f"{op}: X must be tall (rows >= columns), got shape {tuple(x.shape)}; "
-                         "orthonormalize the transpose for a wide matrix")
-
-
 def householder_orthonormalize(x: torch.Tensor) -> torch.Tensor:
     """Q of the Householder QR of x (float64) with signs chosen so that diag(R) >= 0."""
     q, r = torch.linalg.qr(x.to(torch.float64), mode="reduced")
@@ -419,7 +407,7 @@ def orthonormalize(x: torch.Tensor) -> torch.Tensor:
     by CholeskyQR2 in float64: twice {G = W^T W = L L^T; W = W L^-T}. When the Cholesky factor
     breaks down or diag(L) spans more than ORTHO_MAX_DIAG_RATIO, Householder QR (sign-fixed)
     instead. NaN/Inf in X raise ValueError. Result in X's dtype, contiguous."""
-    _check_orthonormalize(x)
+    check_orthonormalize(x)
     w = x.to(torch.float64)
     for pass_ in range(2):
         g = w.mT @ w

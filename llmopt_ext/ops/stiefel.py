@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import backend
-from . import reference
+from .. import _extension, backend
+from ._checks import check_orthonormalize, check_philox_normal
 
 _BACKENDS = ("cuda", "cpu", "reference")
 for _name in ("philox_normal_", "orthonormalize"):
@@ -27,12 +27,6 @@ for _name in ("philox_normal_", "orthonormalize"):
 
 STIEFEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SEED_LIMIT = 2**63  # seeds and offsets are int64 in the op schema
-
-
-def _impl(op: str, device: torch.device):
-    if backend.select(op, device) == "reference":
-        return getattr(reference, op)
-    return getattr(torch.ops.llmopt_ext, op).default
 
 
 def _check_int(op: str, name: str, value, low: int) -> int:
@@ -56,7 +50,7 @@ def philox_normal_(out: torch.Tensor, seed: int, offset: int = 0) -> torch.Tenso
         raise TypeError(f"{op}: out must be a tensor, got {type(out).__name__}")
     _check_int(op, "seed", seed, 0)
     _check_int(op, "offset", offset, 0)
-    _impl(op, out.device)(out, seed, offset)
+    backend.resolve(op, out.device)(out, seed, offset)
     return out
 
 
@@ -69,8 +63,8 @@ def orthonormalize(x: torch.Tensor) -> torch.Tensor:
     when ``x`` is too ill-conditioned for it; rank-deficient ``x`` still gets orthonormal
     columns. Raises ValueError for NaN/Inf, non-2-D or wide ``x``, TypeError for other dtypes.
     """
-    reference._check_orthonormalize(x)
-    return _impl("orthonormalize", x.device)(x)
+    check_orthonormalize(x)
+    return backend.resolve("orthonormalize", x.device)(x)
 
 
 def draw_seed(generator: torch.Generator | None = None) -> int:
@@ -116,3 +110,20 @@ def random_stiefel(
     g = torch.empty((m, r), dtype=torch.float32, device=device)
     philox_normal_(g, seed, offset)
     return orthonormalize(g).to(dtype)
+
+
+# ---------------------------------------------------------------------------
+# fakes (torch.compile, FakeTensorMode, meta tensors): the reference's checks
+
+def _fake_philox_normal_(out, seed, offset):
+    check_philox_normal(out, seed, offset)
+
+
+def _fake_orthonormalize(x):
+    check_orthonormalize(x)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous, as every backend
+
+
+if _extension.loaded():  # _C defines the schemas the fakes attach to
+    torch.library.register_fake("llmopt_ext::philox_normal_", _fake_philox_normal_)
+    torch.library.register_fake("llmopt_ext::orthonormalize", _fake_orthonormalize)
