@@ -45,8 +45,9 @@ def run(device: torch.device, quick: bool = False) -> list[Results]:
     res.notes.append("vs_X = time of X / time of llmopt_ext, same run. qr_randn = torch.linalg.qr("
                      "torch.randn) with the sign fix; aten_cholqr2 = float32 CholeskyQR2 from ATen calls; "
                      "reference = float64 CholeskyQR2 (llmopt_ext.ops.reference)")
-    res.notes.append("llmopt_ext CPU: float64 CholeskyQR2 in C++ (OpenMP, fixed summation order, AVX2/AVX-512 "
-                     "clones); CUDA: Philox kernel + float32 CholeskyQR2 from cuBLAS/cuSOLVER calls")
+    res.notes.append("llmopt_ext default (exact=False): float32 CholeskyQR2 from ATen calls with one host sync "
+                     "(hand-over check); exact_ms = exact=True: CPU float64 CholeskyQR2 in C++ (OpenMP, fixed "
+                     "summation order, AVX2/AVX-512 clones), CUDA float32 CholeskyQR2 from cuBLAS/cuSOLVER calls")
     shapes = [(1024, 64), (4096, 128)] if quick else [(4096, 128), (4096, 256), (14336, 128)]
     reps = dict(max_reps=5 if quick else 20)
     with torch.no_grad():
@@ -57,6 +58,7 @@ def run(device: torch.device, quick: bool = False) -> list[Results]:
             with backend.use(ours_backend):
                 t_gen = measure(lambda: ops.philox_normal_(out, 1, 0), device, **reps)["ms"]
                 t_ortho = measure(lambda: ops.orthonormalize(x), device, **reps)["ms"]
+                t_exact = measure(lambda: ops.orthonormalize(x, exact=True), device, **reps)["ms"]
                 t_stiefel = measure(lambda: ops.random_stiefel(m, r, seed=1, device=device), device, **reps)["ms"]
             t_randn = measure(lambda: torch.randn(m, r, device=device), device, **reps)["ms"]
             t_qr = measure(lambda: torch.linalg.qr(x), device, **reps)["ms"]
@@ -64,9 +66,10 @@ def run(device: torch.device, quick: bool = False) -> list[Results]:
             t_aten = measure(lambda: aten_cholqr2(x), device, **reps)["ms"]
             t_aten_full = measure(lambda: aten_cholqr2(torch.randn(m, r, device=device)), device, **reps)["ms"]
             with backend.use("reference"):
-                t_ref = measure(lambda: ops.orthonormalize(x), device, max_reps=3)["ms"]
+                t_ref = measure(lambda: ops.orthonormalize(x, exact=True), device, max_reps=3)["ms"]
             res.add(op="philox_normal_", m=m, r=r, llmopt_ms=t_gen, torch_randn_ms=t_randn, vs_randn=t_randn / t_gen)
             res.add(op="orthonormalize", m=m, r=r, llmopt_ms=t_ortho, GFLOPs=flops / t_ortho / 1e6,
+                    exact_ms=t_exact, exact_vs_reference=t_ref / t_exact,
                     linalg_qr_ms=t_qr, aten_cholqr2_ms=t_aten, reference_ms=t_ref,
                     vs_linalg_qr=t_qr / t_ortho, vs_aten_cholqr2=t_aten / t_ortho, vs_reference=t_ref / t_ortho)
             res.add(op="random_stiefel", m=m, r=r, llmopt_ms=t_stiefel, qr_randn_ms=t_qr_randn,

@@ -21,6 +21,7 @@ cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build build/cmake
 ctest --test-dir build/cmake --output-on-failure
 bash scripts/check_cuda_glue.sh
+bash scripts/gpu.sh --plan  # the GPU script parses and plans without a GPU
 
 echo "== [4/4] benchmarks, quick sizes"
 LLMOPT_REQUIRE_C=1 "$PYTHON" -m bench.run_all --quick

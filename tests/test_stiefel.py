@@ -130,7 +130,7 @@ def test_philox_thread_count_independent():
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_orthonormalize(b, device, dtype, shape, layout):
     x = make(shape, dtype, device, layout, seed=shape[0] + shape[1])
-    q = run(b, ops.orthonormalize, x)
+    q = run(b, ops.orthonormalize, x, exact=True)
     assert q.shape == x.shape and q.dtype == dtype and q.device == x.device and q.is_contiguous()
     exact = householder_q(x)
     # flash-attention's rule: at most ~2x the error of the exact factor rounded to dtype
@@ -149,9 +149,10 @@ def test_orthonormalize(b, device, dtype, shape, layout):
 
 @pytest.mark.parametrize("b,device", backend_params("orthonormalize"))
 @pytest.mark.parametrize("cond", [1e3, 1e5, 1e9, 1e14])
-def test_orthonormalize_ill_conditioned(b, device, cond):
+@pytest.mark.parametrize("exact", [False, True])
+def test_orthonormalize_ill_conditioned(b, device, cond, exact):
     x = make((200, 30), torch.float32, device, "contiguous", seed=3, cond=cond)
-    q = run(b, ops.orthonormalize, x)
+    q = run(b, ops.orthonormalize, x, exact=exact)
     assert ortho_error(q) < 1e-5  # Householder fallback keeps Q orthonormal at any cond
     # Q spans X: the residual of projecting X on span(Q) is at rounding level
     xd = x.double().cpu()
@@ -160,11 +161,12 @@ def test_orthonormalize_ill_conditioned(b, device, cond):
 
 
 @pytest.mark.parametrize("b,device", backend_params("orthonormalize"))
-def test_orthonormalize_rank_deficient(b, device):
+@pytest.mark.parametrize("exact", [False, True])
+def test_orthonormalize_rank_deficient(b, device, exact):
     x = torch.randn(50, 6, generator=torch.Generator().manual_seed(1))
     x[:, 2] = 0  # zero column
     x[:, 4] = x[:, 1]  # repeated column
-    q = run(b, ops.orthonormalize, x.to(device))
+    q = run(b, ops.orthonormalize, x.to(device), exact=exact)
     assert ortho_error(q) < 1e-5
     qd = q.double().cpu()
     assert float((x.double() - qd @ (qd.mT @ x.double())).abs().max()) < 1e-5
@@ -175,10 +177,50 @@ def test_orthonormalize_thread_count_independent():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        a = ops.orthonormalize(x)
+        a = ops.orthonormalize(x, exact=True)
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(a, ops.orthonormalize(x))
+    assert torch.equal(a, ops.orthonormalize(x, exact=True))
+
+
+@pytest.mark.parametrize("b,device", backend_params("orthonormalize"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES + [(4096, 128)])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_orthonormalize_fast_default(b, device, dtype, shape, layout):
+    # exact=False: float32 CholeskyQR2 from BLAS calls. Bounds against Householder QR in
+    # float64: forward error ~ cond(X) * r * 6e-8 and orthogonality ~ r * 6e-8 before the final
+    # rounding (measured <= 3e-6 at 4096 x 128), plus 2x the error of rounding to dtype.
+    x = make(shape, dtype, device, layout, seed=shape[0] + 3 * shape[1])
+    q = run(b, ops.orthonormalize, x)
+    assert q.shape == x.shape and q.dtype == dtype and q.device == x.device and q.is_contiguous()
+    exact = householder_q(x)
+    rounded = exact.to(dtype).double()
+    slack = 1e-6 * max(1.0, shape[1] / 8)
+    assert float((q.double().cpu() - exact).abs().max()) <= 2 * float((rounded - exact).abs().max()) + slack
+    assert ortho_error(q) <= 2 * ortho_error(rounded) + slack
+    # same device, same call: the same bits
+    assert torch.equal(q, run(b, ops.orthonormalize, x))
+
+
+def test_orthonormalize_fast_matches_linalg_qr_bound():
+    # the default against torch.linalg.qr (float32 Householder, LAPACK): orthogonality no worse
+    # than 4x linalg.qr's own at the benchmark shapes
+    for m, r in ((1024, 64), (4096, 128)):
+        x = torch.randn(m, r, generator=torch.Generator().manual_seed(m + r))
+        q_ref, _ = torch.linalg.qr(x)
+        assert ortho_error(ops.orthonormalize(x)) <= 4 * ortho_error(q_ref) + 1e-7
+
+
+def test_orthonormalize_fast_hands_over_when_ill_conditioned():
+    # cond 1e4: the float32 first pass leaves W1^T W1 - I ~ 1 > 1e-2, so the exact kernel runs
+    from llmopt_ext.ops import stiefel
+
+    x = make((200, 30), torch.float32, "cpu", "contiguous", seed=3, cond=1e4)
+    assert stiefel._cholqr2_float32(x) is None
+    assert torch.equal(ops.orthonormalize(x), ops.orthonormalize(x, exact=True))
+    y = make((200, 30), torch.float32, "cpu", "contiguous", seed=3, cond=10)
+    assert stiefel._cholqr2_float32(y) is not None
 
 
 # ---------------------------------------------------------------------------
@@ -197,8 +239,8 @@ def test_random_stiefel_orthonormal(b, device, dtype, m, r):
 
 
 def test_random_stiefel_backends_agree():
-    want = run("reference", ops.random_stiefel, 257, 19, seed=77, offset=3)
-    got = run("cpu", ops.random_stiefel, 257, 19, seed=77, offset=3)
+    want = run("reference", ops.random_stiefel, 257, 19, seed=77, offset=3, exact=True)
+    got = run("cpu", ops.random_stiefel, 257, 19, seed=77, offset=3, exact=True)
     assert torch.allclose(got, want, rtol=0, atol=8 * ULP[torch.float32])
     # it is the positive-diagonal QR factor of the Philox Gaussian matrix
     g = torch.empty(257, 19)
@@ -272,9 +314,15 @@ def test_orthonormalize_bad_input(b, device):
         x = torch.randn(9, 4, device=device)
         x[5, 2] = bad
         before = x.clone()
-        with pytest.raises(ValueError, match="NaN or Inf"):
-            run(b, ops.orthonormalize, x)
+        for exact in (False, True):
+            with pytest.raises(ValueError, match="NaN or Inf"):
+                run(b, ops.orthonormalize, x, exact=exact)
         assert torch.equal(x.isnan(), before.isnan()) and torch.equal(x.nan_to_num(), before.nan_to_num())
+
+
+def test_orthonormalize_exact_must_be_bool():
+    with pytest.raises(TypeError, match="exact"):
+        ops.orthonormalize(torch.randn(5, 2), exact=1)
 
 
 @pytest.mark.parametrize("b,device", backend_params("philox_normal_"))

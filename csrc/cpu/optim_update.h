@@ -8,8 +8,8 @@
 
 #include <cstdint>
 
-#include "float_types.h"
-#include "optim_update_math.h"
+#include "../common/float_types.h"
+#include "../common/optim_update_math.h"
 
 namespace llmopt_ext {
 namespace cpu {

@@ -4,7 +4,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "philox.h"
+#include "../common/philox.h"
 
 #ifdef _OPENMP
 #include <omp.h>

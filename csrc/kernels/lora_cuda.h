@@ -9,7 +9,7 @@
 
 #include <cstdint>
 
-#include "../cpu/float_types.h"  // DType (host-only enum)
+#include "../common/float_types.h"  // DType (host-only enum)
 
 namespace llmopt_ext {
 namespace cuda {

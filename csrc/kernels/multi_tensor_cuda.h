@@ -7,7 +7,7 @@
 
 #include <cstdint>
 
-#include "../cpu/float_types.h"  // DType (host-only enum; no kernel code there)
+#include "../common/float_types.h"  // DType (host-only enum; no kernel code there)
 
 namespace llmopt_ext {
 namespace cuda {

@@ -7,8 +7,8 @@
 
 #include <cstdint>
 
-#include "../cpu/float_types.h"         // DType (host-only enum)
-#include "../cpu/optim_update_math.h"   // SophiaCoefs, AdaHessianCoefs
+#include "../common/float_types.h"         // DType (host-only enum)
+#include "../common/optim_update_math.h"   // SophiaCoefs, AdaHessianCoefs
 
 namespace llmopt_ext {
 namespace cuda {

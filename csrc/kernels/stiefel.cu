@@ -9,7 +9,7 @@
 
 #include <algorithm>
 
-#include "../cpu/philox.h"
+#include "../common/philox.h"
 
 namespace llmopt_ext {
 namespace cuda {

@@ -8,7 +8,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include "../cpu/float_types.h"  // DType
+#include "../common/float_types.h"  // DType
 
 namespace llmopt_ext {
 namespace cuda {

@@ -12,7 +12,7 @@
 #include <random>
 #include <vector>
 
-#include "../cpu/float_types.h"
+#include "../common/float_types.h"
 #include "../cpu/lora.h"
 
 using namespace llmopt_ext;

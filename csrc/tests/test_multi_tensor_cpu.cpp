@@ -14,7 +14,7 @@
 #include <omp.h>
 #endif
 
-#include "../cpu/float_types.h"
+#include "../common/float_types.h"
 #include "../cpu/multi_tensor.h"
 
 using namespace llmopt_ext;

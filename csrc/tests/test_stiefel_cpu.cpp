@@ -12,7 +12,7 @@
 #include <omp.h>
 #endif
 
-#include "../cpu/philox.h"
+#include "../common/philox.h"
 #include "../cpu/stiefel.h"
 
 using namespace llmopt_ext;

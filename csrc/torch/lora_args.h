@@ -8,7 +8,7 @@
 
 #include <optional>
 
-#include "../cpu/float_types.h"
+#include "../common/float_types.h"
 
 namespace llmopt_ext {
 

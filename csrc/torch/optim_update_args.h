@@ -8,7 +8,7 @@
 #include <cmath>
 #include <optional>
 
-#include "../cpu/optim_update_math.h"
+#include "../common/optim_update_math.h"
 #include "tensor_lists.h"
 
 namespace llmopt_ext {

@@ -66,6 +66,7 @@ TORCH_LIBRARY(llmopt_ext, m) {
 static PyModuleDef llmopt_module = {
     PyModuleDef_HEAD_INIT, "_C",
     "Compiled kernels of llmopt_ext; importing it registers torch.ops.llmopt_ext.*", -1, nullptr,
+    nullptr, nullptr, nullptr, nullptr,  // m_slots, m_traverse, m_clear, m_free (-Wextra)
 };
 
 extern "C" PyMODINIT_FUNC PyInit__C(void) {

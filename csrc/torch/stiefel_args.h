@@ -4,7 +4,7 @@
 
 #include <ATen/ATen.h>
 
-#include "../cpu/float_types.h"
+#include "../common/float_types.h"
 
 namespace llmopt_ext {
 

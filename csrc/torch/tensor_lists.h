@@ -9,7 +9,7 @@
 #include <utility>
 #include <vector>
 
-#include "../cpu/float_types.h"
+#include "../common/float_types.h"
 
 namespace llmopt_ext {
 

@@ -8,9 +8,10 @@ module builds it from two ops,
 * ``philox_normal_(out, seed, offset)``: counter-based Gaussian generator (Philox-4x32-10,
   Box-Muller in float64): the same numbers on CPU, CUDA and the reference for a given
   (seed, offset), so a projector is reproducible from its seed on any device;
-* ``orthonormalize(X)``: the Q factor with positive diag(R) of a tall matrix, by CholeskyQR2
-  (two Gram + Cholesky + triangular-solve passes: GEMM-shaped work instead of Householder's
-  column-by-column reflections), falling back to Householder QR when X is ill-conditioned.
+* ``orthonormalize(X, exact=False)``: the Q factor with positive diag(R) of a tall matrix, by
+  CholeskyQR2 (two Gram + Cholesky + triangular-solve passes: GEMM-shaped work instead of
+  Householder's column-by-column reflections): float32 BLAS calls by default, the backend's
+  float64 kernel with ``exact=True``; Householder QR when X is ill-conditioned.
 
 ``random_stiefel(m, r)`` composes them.
 """
@@ -54,16 +55,57 @@ def philox_normal_(out: torch.Tensor, seed: int, offset: int = 0) -> torch.Tenso
     return out
 
 
-def orthonormalize(x: torch.Tensor) -> torch.Tensor:
+# The float32 path hands over to the exact one when the second pass's Cholesky factor L2
+# differs from I by more than this (max abs entry). L2 L2^T = W1^T W1 measures how far the
+# first pass W1 is from orthonormal, ~ cond(X)^2 * 6e-8: 1e-2 admits cond(X) up to ~400, where
+# the second pass still restores orthogonality to float32 rounding (Yamamoto et al. 2015).
+# Gaussian projectors have cond ~ (sqrt(m)+sqrt(r))/(sqrt(m)-sqrt(r)) ~ 1.4 at 4096 x 128.
+FAST_MAX_FIRST_PASS_ERROR = 1e-2
+
+
+def _cholqr2_float32(x: torch.Tensor) -> torch.Tensor | None:
+    """CholeskyQR2 in float32 from ATen calls (BLAS GEMM/TRSM, LAPACK Cholesky of the r x r Gram
+    matrix), or None when X is too ill-conditioned for it. One host sync, at the end."""
+    w = x.to(torch.float32)
+    eye = torch.eye(x.shape[1], dtype=torch.float32, device=x.device)
+    checks = []
+    for _ in range(2):
+        g = w.mT @ w
+        lower, info = torch.linalg.cholesky_ex(g)
+        checks.append(info.to(torch.float32))
+        w = torch.linalg.solve_triangular(lower.mT, w, upper=True, left=False)
+    # lower is now L2; a NaN anywhere (NaN/Inf in X) makes the comparison below fail too.
+    checks.append((lower - eye).abs().max())
+    bad_info1, bad_info2, first_pass_error = torch.stack(checks).tolist()
+    if bad_info1 or bad_info2 or not first_pass_error <= FAST_MAX_FIRST_PASS_ERROR:
+        return None
+    return w.to(x.dtype).contiguous()
+
+
+def orthonormalize(x: torch.Tensor, *, exact: bool = False) -> torch.Tensor:
     """Orthonormal columns spanning the columns of a tall matrix ``x`` (m x r, m >= r >= 1).
 
     Returns the Q factor of the thin QR decomposition ``x = Q R`` with ``diag(R) > 0`` (unique
-    for full-rank ``x``), in ``x``'s dtype (float32, bfloat16 or float16), contiguous. Computed
-    by CholeskyQR2 (float64 on CPU and in the reference, float32 on CUDA) and by Householder QR
-    when ``x`` is too ill-conditioned for it; rank-deficient ``x`` still gets orthonormal
-    columns. Raises ValueError for NaN/Inf, non-2-D or wide ``x``, TypeError for other dtypes.
+    for full-rank ``x``), in ``x``'s dtype (float32, bfloat16 or float16), contiguous.
+
+    * ``exact=False`` (default, fastest): CholeskyQR2 in float32 from ATen calls on any device
+      (``||Q^T Q - I|| ~ 1e-6``; deterministic for a given device and thread count); matrices
+      with cond(X) beyond ~400 take the exact path.
+    * ``exact=True``: the backend's kernel: CholeskyQR2 in float64 with a fixed summation
+      order on CPU and in the reference (bit-identical between them, independent of the
+      thread count), float32 on CUDA.
+
+    Both fall back to Householder QR when ``x`` is too ill-conditioned for CholeskyQR2;
+    rank-deficient ``x`` still gets orthonormal columns. Raises ValueError for NaN/Inf, non-2-D
+    or wide ``x``, TypeError for other dtypes.
     """
     check_orthonormalize(x)
+    if not isinstance(exact, bool):
+        raise TypeError(f"orthonormalize: exact must be a bool, got {type(exact).__name__}")
+    if not exact:
+        q = _cholqr2_float32(x)
+        if q is not None:
+            return q
     return backend.resolve("orthonormalize", x.device)(x)
 
 
@@ -83,13 +125,15 @@ def random_stiefel(
     offset: int = 0,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    exact: bool = False,
 ) -> torch.Tensor:
     """An m x r matrix with orthonormal columns, Haar-distributed on the Stiefel manifold.
 
     The Q factor (positive diag(R)) of an m x r standard Gaussian matrix from
     :func:`philox_normal_`: reproducible from ``seed`` (and ``offset``) on every device, or
-    from one draw of ``generator`` when ``seed`` is None. Orthonormalised in float32 (float64
-    on CPU), then cast to ``dtype``.
+    from one draw of ``generator`` when ``seed`` is None. Orthonormalised by
+    :func:`orthonormalize` (``exact`` as there: the default float32 path is reproducible on one
+    device; ``exact=True`` gives the bit-identical CPU/reference matrix), then cast to ``dtype``.
     """
     op = "random_stiefel"
     for name, v in (("m", m), ("r", r)):
@@ -109,7 +153,7 @@ def random_stiefel(
     device = torch.device(device) if device is not None else torch.device("cpu")
     g = torch.empty((m, r), dtype=torch.float32, device=device)
     philox_normal_(g, seed, offset)
-    return orthonormalize(g).to(dtype)
+    return orthonormalize(g, exact=exact).to(dtype)
 
 
 # ---------------------------------------------------------------------------
