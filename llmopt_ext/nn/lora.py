@@ -2,18 +2,24 @@
 
 * :class:`LoraLinear` subclasses ``peft.tuners.lora.layer.Linear``: peft's state, adapter
   switching, ``merge``/``unmerge``/``safe_merge``, saving and loading are peft's own; only
-  ``forward`` (and the merge arithmetic) change. A configuration the fused path does not
-  cover — DoRA and the other variants, ``lora_bias``, several active adapters, a mixed
-  ``adapter_names`` batch, merged or disabled adapters, an x dtype other than the weight's
-  outside autocast — runs peft's exact forward. Under ``torch.autocast`` (bf16/fp16) x, the
-  base weight and bias are cast to the autocast dtype, as autocast does for peft's base
-  ``F.linear``, and the fused op runs with autocast off on those inputs and the adapters in
-  their own dtype (fp32 adapters stay fp32, where autocast would round them to bf16). Every fallback is counted (:func:`fallback_counts`) and the
-  first of each reason is reported with a warning; it is never silent.
+  ``forward`` (and the merge arithmetic) change. It reports itself as peft does (repr
+  ``lora.Linear(...)``, so get_layer_status()'s module_type is peft's). The fused op runs the
+  base layer and the first active adapter (``lora_bias`` folded into the op's bias, which is
+  differentiable); further active adapters add peft's own low-rank term. A configuration the
+  fused path does not cover — DoRA and the other variants, a mixed ``adapter_names`` batch,
+  merged or disabled adapters, a base layer that is another adapter's layer (mixed models),
+  an x dtype other than the weight's outside autocast — runs peft's exact forward. Under
+  ``torch.autocast`` (bf16/fp16) x, the base weight and bias are cast to the autocast dtype,
+  as autocast does for peft's base ``F.linear``, and the fused op runs with autocast off on
+  those inputs and the adapters in their own dtype (fp32 adapters stay fp32, where autocast
+  would round them to bf16). Every fallback is counted (:func:`fallback_counts`) and the
+  first of each reason is reported with a warning; it is never silent. Fused calls are
+  counted too (:func:`fused_counts`).
 * :func:`use_fused_lora` registers the fused layer through peft's custom-module dispatch
   (``LoraConfig._register_custom_module``, peft 0.21). Its factory only takes plain
   ``nn.Linear`` / transformers ``Conv1D`` targets (exact type): bitsandbytes' 4/8-bit
-  Linear subclass ``nn.Linear`` and still go to peft's own dispatchers.
+  Linear subclass ``nn.Linear`` and still go to peft's own dispatchers, and so do
+  ``target_parameters`` (peft's ParamWrapper) and targets that are another tuner's layer.
 * :func:`fuse_lora` swaps the LoRA Linear layers of an already built PeftModel in place.
 
 Adapters are saved with peft's keys and config, so they load into plain peft and back.
@@ -42,6 +48,7 @@ except Exception:  # noqa: BLE001 - transformers is optional
     Conv1D = None
 
 _FALLBACKS: collections.Counter = collections.Counter()
+_FUSED: collections.Counter = collections.Counter()
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -52,6 +59,25 @@ def fallback_counts() -> dict[str, int]:
 
 def reset_fallback_counts() -> None:
     _FALLBACKS.clear()
+
+
+def fused_counts() -> dict[str, int]:
+    """Kind ("1 adapter", "2 adapters, lora_bias", ...) -> how many forward calls of fused
+    layers ran the fused op (eager calls; a compiled graph is counted when traced, not run)."""
+    return dict(_FUSED)
+
+
+def reset_fused_counts() -> None:
+    _FUSED.clear()
+
+
+def _record_fused(names: list[str], lora_B: nn.ModuleDict) -> None:
+    if torch.compiler.is_compiling():  # a counter update would break a fullgraph trace
+        return
+    kind = f"{len(names)} adapter{'s' if len(names) > 1 else ''}"
+    if any(lora_B[n].bias is not None for n in names):
+        kind += ", lora_bias"
+    _FUSED[kind] += 1
 
 
 @torch.compiler.disable
@@ -87,8 +113,14 @@ def _dropout_p(module: nn.Module) -> Optional[float]:
 class LoraLinear(peft_layer.Linear):
     """peft's LoRA Linear whose forward runs :func:`llmopt_ext.ops.lora_linear`."""
 
-    def _fused_adapter(self, x: torch.Tensor, args, kwargs) -> tuple[Optional[str], str]:
-        """(adapter name, "") when the fused path applies, else (None, reason)."""
+    def _get_name(self) -> str:
+        # nn.Module.__repr__ names the class through this; peft's get_layer_status() and
+        # get_model_status() read module_type from the repr ("lora.Linear"), so the fused
+        # layer reports what peft reports for its own layer (isinstance tells them apart).
+        return "Linear"
+
+    def _fused_adapters(self, x: torch.Tensor, args, kwargs) -> tuple[Optional[list[str]], str]:
+        """(active adapter names, "") when the fused path applies, else (None, reason)."""
         if self.disable_adapters:
             return None, "adapters disabled"
         if kwargs.get("adapter_names") is not None:
@@ -97,14 +129,13 @@ class LoraLinear(peft_layer.Linear):
             return None, "merged adapters"
         if args or any(v is not None for v in kwargs.values()):
             return None, "extra forward arguments"
+        if self.base_layer is not self.get_base_layer():
+            # a mixed model stacks this LoRA over a LoHa/LoKr/AdaLoRA layer: peft calls that
+            # wrapped layer (its adapter included), never the innermost Linear alone
+            return None, f"base_layer is a {type(self.base_layer).__name__} adapter layer"
         active = [a for a in self.active_adapters if a in self.lora_A]
-        if len(active) != 1:
-            return None, f"{len(active)} active adapters"
-        name = active[0]
-        if name in self.lora_variant:
-            return None, f"LoRA variant {type(self.lora_variant[name]).__name__}"
-        if self.lora_bias.get(name, False):
-            return None, "lora_bias"
+        if not active:
+            return None, "0 active adapters"
         base = self.get_base_layer()
         weight = getattr(base, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dtype not in _FUSED_DTYPES or weight.dim() != 2:
@@ -113,18 +144,34 @@ class LoraLinear(peft_layer.Linear):
         if amp is None and x.dtype != weight.dtype:
             return None, f"x dtype {x.dtype} != weight dtype {weight.dtype}"
         compute = amp or x.dtype
+        for name in active:
+            reason = self._adapter_reason(name, compute)
+            if reason:
+                return None, reason
+        return active, ""
+
+    def _adapter_reason(self, name: str, compute: torch.dtype) -> str:
+        """Why adapter `name` cannot run fused with inputs in `compute` dtype ("" if it can)."""
+        if name in self.lora_variant:
+            return f"LoRA variant {type(self.lora_variant[name]).__name__}"
         adt = self.lora_A[name].weight.dtype
         if adt not in (torch.float32, compute) or self.lora_B[name].weight.dtype != adt:
-            return None, f"adapter dtype {adt} (expected float32 or x's dtype)"
+            return f"adapter dtype {adt} (expected float32 or x's dtype)"
+        if adt != compute and not getattr(self, "cast_input_dtype_enabled", True):
+            return "input dtype casting disabled"
+        bias = self.lora_B[name].bias
+        if bias is not None and bias.dtype != adt:
+            return f"lora_bias dtype {bias.dtype} != adapter dtype {adt}"
         if _dropout_p(self.lora_dropout[name]) is None:
-            return None, f"dropout module {type(self.lora_dropout[name]).__name__}"
-        return name, ""
+            return f"dropout module {type(self.lora_dropout[name]).__name__}"
+        return ""
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        name, reason = self._fused_adapter(x, args, kwargs)
-        if name is None:
+        names, reason = self._fused_adapters(x, args, kwargs)
+        if names is None:
             _record_fallback(reason)
             return super().forward(x, *args, **kwargs)
+        _record_fused(names, self.lora_B)
         base = self.get_base_layer()
         weight, bias = base.weight, base.bias
         amp = _autocast_dtype(x)
@@ -132,10 +179,23 @@ class LoraLinear(peft_layer.Linear):
             if amp is not None:
                 x, weight = x.to(amp), weight.to(amp)
                 bias = bias.to(amp) if bias is not None else None
-            return lora_ops.lora_linear(
-                x, weight, bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                self.scaling[name], _dropout_p(self.lora_dropout[name]), self.training, self.fan_in_fan_out,
+            first, s = names[0], self.scaling[names[0]]
+            lora_bias = self.lora_B[first].bias
+            if lora_bias is not None:  # peft scales lora_B's bias with the adapter: y += s * b_B
+                bias = s * lora_bias if bias is None else bias + s * lora_bias
+                bias = bias.to(x.dtype)
+            y = lora_ops.lora_linear(
+                x, weight, bias, self.lora_A[first].weight, self.lora_B[first].weight,
+                s, _dropout_p(self.lora_dropout[first]), self.training, self.fan_in_fan_out,
             )
+            for name in names[1:]:  # further adapters: peft's own low-rank term, added
+                y = y + self._low_rank_term(x, name).to(y.dtype)
+        return y
+
+    def _low_rank_term(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``s * B(A(dropout(x)))`` (B's bias included) in the adapter dtype, as peft computes it."""
+        x = self._cast_input_dtype(x, self.lora_A[name].weight.dtype)
+        return self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
 
     # ---- merge / unmerge with one rounding (peft rounds the delta, then the sum: peft#1388)
 
@@ -184,9 +244,6 @@ class LoraLinear(peft_layer.Linear):
                 super().unmerge()
                 self.merged_adapters[:] = rest
 
-    def __repr__(self) -> str:
-        return "llmopt_ext." + super().__repr__()
-
 
 def _is_plain(base: nn.Module) -> tuple[bool, bool]:
     """(takes it, is Conv1D): exact nn.Linear or transformers Conv1D only."""
@@ -198,8 +255,11 @@ def _is_plain(base: nn.Module) -> tuple[bool, bool]:
 
 
 def _factory(target: nn.Module, adapter_name: str, config: LoraConfig, **kwargs):
-    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-    ok, conv1d = _is_plain(base)
+    if kwargs.get("parameter_name") is not None:
+        return None  # target_parameters: peft's dispatch builds its ParamWrapper (or raises)
+    if isinstance(target, BaseTunerLayer):
+        return None  # stacking over another tuner's layer (mixed models): peft's layer calls it
+    ok, conv1d = _is_plain(target)
     if not ok:
         return None  # e.g. bitsandbytes Linear4bit: peft's own dispatchers take it
     # the same fan_in_fan_out correction as peft's dispatch_default
@@ -232,7 +292,8 @@ def fuse_lora(model: nn.Module) -> int:
     Returns how many layers were swapped."""
     n = 0
     for module in model.modules():
-        if type(module) is peft_layer.Linear and _is_plain(module.get_base_layer())[0]:
+        if (type(module) is peft_layer.Linear and module.base_layer is module.get_base_layer()
+                and _is_plain(module.base_layer)[0]):
             module.__class__ = LoraLinear
             n += 1
     return n
