@@ -75,6 +75,8 @@ def check_linear(op: str, x, weight, bias, lora_A, lora_B, scaling, dropout_p, f
         raise ValueError(f"{op}: x must have at least one dimension")
     if x.shape[-1] != in_f:
         raise ValueError(f"{op}: x's last dimension is {x.shape[-1]} but in_features is {in_f}")
+    if in_f == 0:  # every backend: the GEMMs would take it, the Triton grids would not
+        raise ValueError(f"{op}: in_features is 0 (x, weight and lora_A have no input features)")
     if x.dtype != weight.dtype:
         raise TypeError(f"{op}: x has dtype {x.dtype} but weight has {weight.dtype}; they must match")
     if lora_A.dtype not in (torch.float32, x.dtype):

@@ -8,18 +8,22 @@ respect to x, lora_A, lora_B and bias (W is frozen). Backends:
   the scale-add run in the epilogue of the base GEMM; backward computes
   ``dX = dY W + s (dY B) A`` in one GEMM pass and dA, dB from the saved ``dropout(x) A^T``.
   The dropout mask is never stored: it is regenerated in backward from a Philox seed.
-* ``cpu``: composed ATen calls (:func:`_lora_linear_aten`): one addmm for base + bias, the
-  low-rank product with the scale applied to the (tokens x r) intermediate, and its add
-  fused into a second addmm, so no pass over the (tokens x out) output beyond the GEMMs.
-  fp32 adapters with a bf16/fp16 x never materialise an fp32 copy of x (row blocks are
-  upcast instead); the dropout mask is stored as a bool tensor (1 byte/element, where peft
-  keeps the dropped activations in the adapter dtype).
+* ``cpu``: custom ops ``llmopt_ext::lora_linear_cpu_fwd`` / ``_bwd`` (fake:
+  :func:`fused_forward_fake`). The base GEMMs are ATen's; the rank-r products read bf16/fp16
+  x and dY in place with float32 accumulation (C++ kernels ``lora_lowrank_down`` /
+  ``lora_lowrank_reduce``; no fp32 copy of x). The low-rank term is computed first and the
+  base GEMM accumulates onto it (``addmm``, beta = 1), so y and dX are rounded once, where
+  peft rounds the base product, then the sum. Dropout is regenerated in backward from a
+  Philox seed (csrc/cpu/lora_lowrank.h): autograd keeps x, the (tokens x r) float32 ``t``
+  and the seed; no mask, no dropped copy of x.
 * ``reference``: float64 math (:func:`llmopt_ext.ops.reference.lora_linear`).
 
 ``lora_merge_`` / ``lora_unmerge_``: ``W +/- s B A`` accumulated in float32 and rounded once
 into W's dtype, in place, blocked over rows (no W-sized temporary).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -76,115 +80,184 @@ def _merge(op: str, weight, lora_A, lora_B, scaling, fan_in_fan_out: bool) -> No
 
 
 # ---------------------------------------------------------------------------
-# lora_linear, CPU path: composed ATen calls
+# lora_linear: the fake (shared by the cpu and triton custom ops) and the CPU path
 
-# Rows per block when a bf16/fp16 operand meets fp32 adapters: the block is upcast to
-# fp32 (2^20 elements = 4 MiB, e.g. 256 tokens of 4096 features) instead of the whole x.
-_UPCAST_BLOCK_ELEMS = 1 << 20
-
-
-def _row_blocks(m: int, width: int):
-    step = max(1, _UPCAST_BLOCK_ELEMS // max(1, width))
-    return range(0, m, step), step
-
-
-def _mm_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a (M, K) @ b (K, R) in b's dtype. When a is bf16/fp16 and b is fp32, rows of a are
-    upcast a block at a time: an fp32 result without an fp32 copy of a."""
-    if a.dtype == b.dtype:
-        return a @ b
-    out = torch.empty((a.shape[0], b.shape[1]), dtype=b.dtype, device=a.device)
-    starts, step = _row_blocks(a.shape[0], a.shape[1])
-    for i in starts:
-        out[i : i + step] = a[i : i + step].to(b.dtype) @ b
-    return out
-
-
-def _mm_reduce(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a^T (K, M) @ b (M, R) in b's dtype, blocks of rows of a upcast as in _mm_rows."""
-    if a.dtype == b.dtype:
-        return a.t() @ b
-    out = torch.zeros((a.shape[1], b.shape[1]), dtype=b.dtype, device=a.device)
-    starts, step = _row_blocks(a.shape[0], a.shape[1])
-    for i in starts:
-        out.addmm_(a[i : i + step].to(b.dtype).t(), b[i : i + step])
-    return out
+def _fake_checks(x2, weight, bias, lora_A, lora_B, fan_in_fan_out: bool) -> tuple[int, int, int]:
+    """The contract of the fused forward ops, for fake tensors (torch.compile, opcheck):
+    (M, K) x, one device for every tensor, adapters fp32 or x's dtype. Returns (M, N, r)."""
+    torch._check(x2.dim() == 2 and weight.dim() == 2, lambda: "lora_linear: x2 and weight must be 2-D")
+    torch._check(lora_A.dim() == 2 and lora_B.dim() == 2, lambda: "lora_linear: lora_A, lora_B must be 2-D")
+    m, k = x2.shape
+    r = lora_A.shape[0]
+    n = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    torch._check(k > 0, lambda: "lora_linear: in_features must be positive, got 0")
+    torch._check((weight.shape[0] if fan_in_fan_out else weight.shape[1]) == k,
+                 lambda: f"lora_linear: weight {tuple(weight.shape)} does not take {k} input features")
+    torch._check(lora_A.shape[1] == k and tuple(lora_B.shape) == (n, r),
+                 lambda: f"lora_linear: lora_A {tuple(lora_A.shape)} / lora_B {tuple(lora_B.shape)} "
+                         f"do not match ({n}, r) x (r, {k})")
+    torch._check(weight.dtype == x2.dtype, lambda: "lora_linear: weight's dtype must be x's")
+    torch._check(lora_A.dtype in (torch.float32, x2.dtype) and lora_B.dtype == lora_A.dtype,
+                 lambda: "lora_linear: lora_A, lora_B must both be float32 or x's dtype")
+    tensors = [weight, lora_A, lora_B] + ([bias] if bias is not None else [])
+    for t in tensors:
+        torch._check(t.device == x2.device, lambda: f"lora_linear: tensors on {t.device} and {x2.device}")
+    if bias is not None:
+        torch._check(tuple(bias.shape) == (n,) and bias.dtype == x2.dtype,
+                     lambda: f"lora_linear: bias must be ({n},) in x's dtype")
+    return m, n, r
 
 
-def _scale(t: torch.Tensor, scaling: Scalar) -> torch.Tensor:
-    # The scale multiplies the (tokens x r) intermediate, never the (tokens x out) output.
+def fused_forward_fake(x2, weight, bias, lora_A, lora_B, scaling, scaling_f, seed, dropout_p, fan_in_fan_out):
+    """Fake of the fused forward ops: (y (M, N) in x's dtype, t (M, r) float32)."""
+    m, n, r = _fake_checks(x2, weight, bias, lora_A, lora_B, fan_in_fan_out)
+    return x2.new_empty((m, n)), x2.new_empty((m, r), dtype=torch.float32)
+
+
+def _scale_value(scaling: torch.Tensor | None, scaling_f: float) -> float:
+    return float(scaling.item()) if scaling is not None else scaling_f  # CPU: no device sync
+
+
+def _seed_value(seed: torch.Tensor | None) -> tuple[int, float]:
+    return (int(seed.item()), 0.0) if seed is not None else (0, 0.0)
+
+
+def _down(x: torch.Tensor, q: torch.Tensor, scale: float, seed: int, p: float) -> torch.Tensor:
+    """``scale * dropout(x) @ q`` (M, r) float32 for x (M, K), q (K, r). fp32 x without dropout
+    is a plain sgemm; otherwise the C++ kernel reads bf16/fp16 x in place with float32
+    accumulation (an fp32 upcast copy of x cost 30% of the 4096x4096 base layer's time, and a
+    bf16 GEMM would round the product to bf16 where peft's is at least as coarse)."""
+    if x.dtype == torch.float32 and p == 0.0:
+        return torch.mm(x, q.to(torch.float32)).mul_(scale)
+    return torch.ops.llmopt_ext.lora_lowrank_down(x, q.to(torch.float32).contiguous(), scale, seed, p)
+
+
+def _reduce(g: torch.Tensor, x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """``g^T @ dropout(x)`` (r, K) float32 for g (M, r) float32, x (M, K)."""
+    if x.dtype == torch.float32 and p == 0.0:
+        return torch.mm(g.t(), x)
+    return torch.ops.llmopt_ext.lora_lowrank_reduce(g.contiguous(), x, 1.0, seed, p)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dim() == 2 and (x.shape[1] <= 1 or x.stride(1) == 1) else x.contiguous()
+
+
+@torch.library.custom_op("llmopt_ext::lora_linear_cpu_fwd", mutates_args=(), device_types="cpu")
+def lora_linear_cpu_fwd(
+    x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor,
+    lora_B: torch.Tensor, scaling: torch.Tensor | None, scaling_f: float, seed: torch.Tensor | None,
+    dropout_p: float, fan_in_fan_out: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, t): t = s dropout(x2) A^T (float32, saved for backward); y = x2 W^T + (t B^T + bias).
+
+    The low-rank term (plus bias) is computed first, rounded at its own magnitude, and the
+    base GEMM accumulates onto it (addmm, beta = 1: float32 accumulator, one rounding of y).
+    Adding it after the base GEMM rounded y (as before, and as peft does) costs a second
+    rounding at y's magnitude: 1.4x the bf16 error of y on 4096-feature layers."""
+    s = _scale_value(scaling, scaling_f)
+    sd, _ = _seed_value(seed)
+    p = dropout_p if seed is not None else 0.0
+    x2 = _rows(x2)
+    t = _down(x2, lora_A.t(), s, sd, p)
+    dt = x2.dtype
+    bt = lora_B.t().to(dt)
+    low = torch.addmm(bias, t.to(dt), bt) if bias is not None else torch.mm(t.to(dt), bt)
+    wt = weight if fan_in_fan_out else weight.t()  # (in, out)
+    return low.addmm_(x2, wt), t
+
+
+lora_linear_cpu_fwd.register_fake(fused_forward_fake)
+
+
+@torch.library.custom_op("llmopt_ext::lora_linear_cpu_bwd", mutates_args=(), device_types="cpu")
+def lora_linear_cpu_bwd(
+    dy: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+    t: torch.Tensor, scaling: torch.Tensor | None, scaling_f: float, seed: torch.Tensor | None,
+    dropout_p: float, fan_in_fan_out: bool, need_x: bool, need_ab: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dA, dB); dx is empty unless need_x, dA and dB unless need_ab. The mask is
+    regenerated from the seed (never stored); dx = (s (dY B) A) * mask / (1 - p) + dY W with
+    the same one-rounding order as the forward."""
+    s = _scale_value(scaling, scaling_f)
+    sd, _ = _seed_value(seed)
+    p = dropout_p if seed is not None else 0.0
+    dy, x2 = _rows(dy), _rows(x2)
+    g = _down(dy, lora_B, s, 0, 0.0)  # s dY B: (tokens, r) float32
+    dx = da = db = x2.new_empty((0,))
+    if need_x:
+        dt = dy.dtype
+        low = torch.mm(g.to(dt), lora_A.to(dt))
+        if p > 0.0:
+            torch.ops.llmopt_ext.lora_dropout_mul_(low, sd, p)
+        w = weight.t() if fan_in_fan_out else weight  # (out, in)
+        dx = low.addmm_(dy, w)
+    if need_ab:
+        da = _reduce(g, x2, sd, p).to(lora_A.dtype)  # (r, in) = (s dY B)^T dropout(x)
+        db = _reduce(t, dy, 0, 0.0).t().contiguous().to(lora_B.dtype)  # (out, r) = dY^T t
+    return dx, da, db
+
+
+@lora_linear_cpu_bwd.register_fake
+def _(dy, x2, weight, lora_A, lora_B, t, scaling, scaling_f, seed, dropout_p, fan_in_fan_out, need_x, need_ab):
+    none = x2.new_empty((0,))
+    return (torch.empty_like(x2) if need_x else none, torch.empty_like(lora_A) if need_ab else none,
+            torch.empty_like(lora_B) if need_ab else none)
+
+
+def _cpu_setup_context(ctx, inputs, output):
+    x2, weight, bias, lora_A, lora_B, scaling, scaling_f, seed, dropout_p, fan_in_fan_out = inputs
+    ctx.save_for_backward(x2, weight, lora_A, lora_B, output[1], scaling, seed)
+    ctx.scaling_f, ctx.dropout_p, ctx.fan_in_fan_out = scaling_f, dropout_p, fan_in_fan_out
+    ctx.has_bias = bias is not None
+
+
+def _cpu_backward(ctx, dy, _dt):
+    x2, weight, lora_A, lora_B, t, scaling, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_ab = need[3] or need[4]
+    dx, da, db = lora_linear_cpu_bwd(dy, x2, weight, lora_A, lora_B, t, scaling, ctx.scaling_f, seed,
+                                     ctx.dropout_p, ctx.fan_in_fan_out, need[0], need_ab)
+    dbias = dy.sum(0) if ctx.has_bias and need[2] else None
+    return (dx if need[0] else None, None, dbias, da if need[3] else None, db if need[4] else None,
+            None, None, None, None, None)
+
+
+lora_linear_cpu_fwd.register_autograd(_cpu_backward, setup_context=_cpu_setup_context)
+
+
+def fused_scalars(scaling: Scalar, dropout_p: float, training: bool, device: torch.device):
+    """(scaling tensor or None, scaling float, seed tensor or None) for the fused ops. The seed
+    is one int64 drawn from torch's default generator, so torch.manual_seed governs the mask."""
     if isinstance(scaling, torch.Tensor):
-        return t * scaling.reshape(()).to(device=t.device, dtype=t.dtype)
-    return t * float(scaling)
+        s_t, s_f = scaling.reshape(1).to(device=device, dtype=torch.float32), 0.0
+    else:
+        s_t, s_f = None, float(scaling)
+    seed = None
+    if dropout_p > 0.0 and training:
+        seed = torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)  # tl.rand's range
+    return s_t, s_f, seed
 
 
-class _LoraLinearAten(torch.autograd.Function):
-    """CPU path. Saves x (a reference, as the base layer's own backward would), the
-    (tokens x r) intermediate and, with dropout, a bool mask; never an upcast copy of x."""
-
-    @staticmethod
-    def forward(ctx, x2, weight, bias, lora_A, lora_B, scaling, dropout_p, training, fan_in_fan_out):
-        wt = weight if fan_in_fan_out else weight.t()  # (in, out) view
-        y = torch.addmm(bias, x2, wt) if bias is not None else x2 @ wt
-        mask = None
-        xd = x2
-        if dropout_p > 0.0 and training:
-            mask = torch.empty_like(x2, dtype=torch.bool).bernoulli_(1.0 - dropout_p)
-            xd = x2 * mask * (1.0 / (1.0 - dropout_p))
-        t = _mm_rows(xd, lora_A.t())  # (tokens, r), adapter dtype
-        ts = _scale(t, scaling)
-        # base + s * t B^T in the output dtype: the add is fused into the GEMM (beta = 1).
-        y.addmm_(ts.to(y.dtype), lora_B.t().to(y.dtype))
-        ctx.save_for_backward(x2, weight, lora_A, lora_B, ts, mask)
-        # Under torch.autocast the GEMMs above ran in the autocast dtype, so dy arrives in it;
-        # backward re-enters the same autocast state (autograd runs backward outside it).
-        dev = x2.device.type
-        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-        ctx.scaling = scaling
-        ctx.dropout_p = dropout_p
-        ctx.fan_in_fan_out = fan_in_fan_out
-        ctx.has_bias = bias is not None
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        dev, enabled, dtype = ctx.autocast
-        with torch.autocast(dev, dtype=dtype, enabled=enabled):
-            return _LoraLinearAten._backward(ctx, dy)
-
-    @staticmethod
-    def _backward(ctx, dy):
-        x2, weight, lora_A, lora_B, ts, mask = ctx.saved_tensors
-        s, p = ctx.scaling, ctx.dropout_p
-        dy = dy.contiguous()
-        need_x, _, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
-        gb = _scale(_mm_rows(dy, lora_B), s)  # s * dY B: (tokens, r), adapter dtype
-        dx = da = db = dbias = None
-        xd = x2
-        if mask is not None:
-            xd = x2 * mask * (1.0 / (1.0 - p))
-        if need_x:
-            w = weight.t() if ctx.fan_in_fan_out else weight  # (out, in)
-            dx = dy @ w
-            if mask is None:
-                dx.addmm_(gb.to(dx.dtype), lora_A.to(dx.dtype))
-            else:  # the adapter branch saw dropout(x): its gradient goes through the mask
-                dx.add_((gb.to(dx.dtype) @ lora_A.to(dx.dtype)) * mask, alpha=1.0 / (1.0 - p))
-        if need_a:
-            da = _mm_reduce(xd, gb).t()  # (r, in) = (s dY B)^T dropout(x)
-            da = da.to(lora_A.dtype)
-        if need_bb:
-            db = _mm_reduce(dy, ts).to(lora_B.dtype)  # (out, r) = dY^T (s t)
-        if need_b and ctx.has_bias:
-            dbias = dy.sum(0)
-        return dx, None, dbias, da, db, None, None, None, None
-
-
-def _lora_linear_aten(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, fan_in_fan_out):
+def _lora_linear_cpu(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, fan_in_fan_out):
     x2 = x.reshape(-1, x.shape[-1])
-    y = _LoraLinearAten.apply(x2, weight, bias, lora_A, lora_B, scaling, float(dropout_p), bool(training),
-                              bool(fan_in_fan_out))
+    s_t, s_f, seed = fused_scalars(scaling, dropout_p, training, x.device)
+    y, _ = lora_linear_cpu_fwd(x2, weight, bias, lora_A, lora_B, s_t, s_f, seed, float(dropout_p),
+                               bool(fan_in_fan_out))
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _autocast_inputs(x, weight, bias):
+    """Under torch.autocast (bf16/fp16) for x's device: x, W and bias in the autocast dtype,
+    as autocast would give peft's base F.linear; the adapters keep their own dtype."""
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev):
+        return x, weight, bias, None
+    amp = torch.get_autocast_dtype(dev)
+    if amp not in (torch.bfloat16, torch.float16):
+        return x, weight, bias, None
+    cast = lambda t: t.to(amp) if t is not None and t.dtype.is_floating_point else t  # noqa: E731
+    return cast(x), cast(weight), cast(bias), dev
 
 
 def lora_linear(
@@ -210,14 +283,15 @@ def lora_linear(
     Returns: (..., out_features) in x's dtype.
     """
     op = "lora_linear"
+    x, weight, bias, amp_device = _autocast_inputs(x, weight, bias)
     check_linear(op, x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out)
     chosen = backend.select(op, x.device)
-    if chosen == "reference":
-        return reference.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training,
-                                     fan_in_fan_out)
-    if chosen == "triton":
-        from .triton import lora as triton_lora  # noqa: PLC0415 - imports triton
+    args = (x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, fan_in_fan_out)
+    with torch.autocast(amp_device, enabled=False) if amp_device else contextlib.nullcontext():
+        if chosen == "reference":
+            return reference.lora_linear(*args)
+        if chosen == "triton":
+            from .triton import lora as triton_lora  # noqa: PLC0415 - imports triton
 
-        return triton_lora.lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training,
-                                       fan_in_fan_out)
-    return _lora_linear_aten(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, fan_in_fan_out)
+            return triton_lora.lora_linear(*args)
+        return _lora_linear_cpu(*args)

@@ -17,8 +17,9 @@ element's flat index ``m * in_features + k``: two ``tl.rand`` calls per element 
 a tokens x in_features mask in memory (bytes are the scarce resource; the RNG is ALU work).
 
 The ops are ``torch.library.custom_op`` + ``register_fake`` + ``register_autograd``
-(BUILD-NOTES: ``triton_op``/``wrap_triton`` break fake tensors under ``TRITON_INTERPRET=1``),
-so ``torch.compile`` traces the layer without graph breaks.
+(``triton_op``/``wrap_triton`` broke fake tensors under ``TRITON_INTERPRET=1`` with
+triton 3.9), so ``torch.compile`` traces the layer without graph breaks. The fake is
+:func:`llmopt_ext.ops.lora.fused_forward_fake`, shared with the CPU op.
 
 Interpreter (``TRITON_INTERPRET=1``, CPU tensors): triton 3.9's interpreted ``tl.dot`` on
 bf16 operands multiplies raw bits, so every dot operand is cast to float32 when
@@ -33,6 +34,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from .. import lora as _lora
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 
@@ -271,10 +274,7 @@ def lora_linear_triton_fwd(
     return y, t
 
 
-@lora_linear_triton_fwd.register_fake
-def _(x2, weight, bias, lora_A, lora_B, scaling, scaling_f, seed, dropout_p, fan_in_fan_out):
-    n = weight.shape[1] if fan_in_fan_out else weight.shape[0]
-    return x2.new_empty((x2.shape[0], n)), x2.new_empty((x2.shape[0], lora_A.shape[0]), dtype=torch.float32)
+lora_linear_triton_fwd.register_fake(_lora.fused_forward_fake)  # one fake for both backends
 
 
 @torch.library.custom_op("llmopt_ext::lora_linear_triton_bwd", mutates_args=())
@@ -325,13 +325,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, trainin
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if isinstance(scaling, torch.Tensor):
-        s_t, s_f = scaling.reshape(1).to(device=x.device, dtype=torch.float32), 0.0
-    else:
-        s_t, s_f = None, float(scaling)
-    seed = None
-    if dropout_p > 0.0 and training:
-        seed = torch.randint(0, 2**31 - 1, (1,), device=x.device, dtype=torch.int64)
+    s_t, s_f, seed = _lora.fused_scalars(scaling, dropout_p, training, x.device)
     y, _ = lora_linear_triton_fwd(x2, weight, bias, lora_A, lora_B, s_t, s_f, seed, float(dropout_p),
                                   bool(fan_in_fan_out))
     return y.reshape(*x.shape[:-1], y.shape[-1])
