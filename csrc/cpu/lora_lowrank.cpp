@@ -5,7 +5,7 @@
 #include <cstring>
 #include <vector>
 
-#include "philox.h"
+#include "../common/philox.h"
 #include "target_clones.h"
 
 namespace llmopt_ext {

@@ -20,7 +20,7 @@
 
 #include <cstdint>
 
-#include "float_types.h"
+#include "../common/float_types.h"
 
 namespace llmopt_ext {
 namespace cpu {
