@@ -15,7 +15,7 @@ def check_lr(lr: float) -> None:
     if isinstance(lr, torch.Tensor):
         lr = float(lr)
     if not (math.isfinite(lr) and lr >= 0.0):
-        raise ValueError(f"Invalid learning rate: {lr} (expected a finite value >= 0)")
+        raise ValueError(f"Invalid lr (learning rate): {lr} (expected a finite value >= 0)")
 
 
 def check_beta(name: str, b: float) -> None:
@@ -237,3 +237,48 @@ def restore_saved_dtypes(opt: torch.optim.Optimizer, state_dict: dict) -> None:
                 st[key] = v.detach().to(device=p.device, copy=True)
             elif isinstance(v, (list, tuple)) and v and all(isinstance(t, torch.Tensor) for t in v):
                 st[key] = type(v)(t.detach().to(device=p.device, copy=True) for t in v)
+
+
+class GuardedOptimizer(torch.optim.Optimizer):
+    """Base of the curvature-aware optimizers: every parameter group is validated when it is
+    added (constructor and ``add_param_group``, so a bad second group fails before any
+    update), a state_dict of another parameter layout is refused at ``load_state_dict`` and the
+    loaded state keeps its saved dtype (fp32 state of bf16/fp16 parameters stays fp32), and
+    skipped non-finite steps are counted (:attr:`skipped_steps`)."""
+
+    _name = "optimizer"
+
+    def _check_group(self, group: dict) -> None:
+        """Raise ValueError naming the bad hyper-parameter of `group` (defaults filled in)."""
+
+    def _state_shaped_like_param(self, key: str) -> bool:
+        """Whether state tensor `key` has its parameter's shape (checked on load)."""
+        return True
+
+    def add_param_group(self, param_group: dict) -> None:
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        self._check_group(merged)
+        super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        check_state_layout(self._name, self, state_dict, self._state_shaped_like_param)
+        super().load_state_dict(state_dict)
+        restore_saved_dtypes(self, state_dict)
+
+    def _skips(self) -> SkipCounter:
+        if "_skip_counter" not in self.__dict__:
+            self._skip_counter = SkipCounter()
+        return self._skip_counter
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for a non-finite gradient / Hessian estimate / loss (one host sync)."""
+        return self._skips().value
+
+    def _step_flag(self, tensors: Iterable[torch.Tensor | None], device: torch.device) -> torch.Tensor:
+        """This step's skip flag on `device` (no host sync): non-finite `tensors` or a
+        GradScaler's found_inf; counted."""
+        _, fi = amp_tensors(self, device)
+        flag = combine_flags(nonfinite_flag(tensors, device), fi)
+        self._skips().add(flag)
+        return flag
