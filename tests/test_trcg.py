@@ -427,7 +427,7 @@ def test_state_dict_round_trip_gives_identical_trajectory():
 
 
 @pytest.mark.parametrize("where", ["loss", "trial_loss", "gradient", "hvp"])
-def test_nonfinite_is_rejected_params_unchanged_radius_shrinks(where):
+def test_nonfinite_is_rejected_params_unchanged(where):
     w = torch.tensor([0.5, -1.0, 2.0], requires_grad=True)
 
     def closure():
@@ -447,8 +447,14 @@ def test_nonfinite_is_rejected_params_unchanged_radius_shrinks(where):
     opt.step(closure)
     assert torch.equal(w.detach(), before)
     assert not opt.last_stats["accepted"]
-    assert opt.trcg_state["radius"] < 1.0
-    assert opt.last_stats["exit"] in ("nonfinite", "boundary", "negative_curvature", "converged")
+    if where == "trial_loss":  # an ordinary rejected step: the radius shrinks
+        assert opt.trcg_state["radius"] < 1.0
+        assert opt.last_stats["exit"] in ("boundary", "negative_curvature", "converged")
+        assert opt.skipped_steps == 0
+    else:  # a non-finite loss / gradient / HVP skips the step: nothing changes, it is counted
+        assert opt.last_stats["exit"] == "nonfinite" and opt.last_stats["skipped"]
+        assert opt.trcg_state["radius"] == 1.0 and opt.trcg_state["steps"] == 0
+        assert opt.skipped_steps == 1
 
 
 def test_one_host_sync_and_three_vector_launches_per_cg_iteration(monkeypatch):

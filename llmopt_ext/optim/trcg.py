@@ -51,6 +51,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from ._common import GuardedOptimizer, check_beta, check_nonneg
 from .hvp import DoubleBackwardHVP, ForwardOverReverseHVP, math_sdpa
 from .steihaug import CGResult, boundary_roots, cg_start, steihaug_cg  # noqa: F401 (boundary_roots: public here too)
 
@@ -58,7 +59,7 @@ HVP_METHODS = ("double_backward", "forward_over_reverse")
 PRECONDITIONERS = (None, "abs_grad_ema")
 
 # counters kept across steps (state_dict "trcg" entry)
-_GLOBAL_KEYS = ("radius", "steps", "accepted_steps", "hvps", "syncs", "precond_steps")
+_GLOBAL_KEYS = ("radius", "steps", "accepted_steps", "hvps", "syncs", "precond_steps", "skipped_steps")
 
 
 def default_cg_tol(r0_norm: float) -> float:
@@ -79,7 +80,7 @@ def update_radius(radius: float, rho: float, exit_reason: str, step_norm: float,
     return radius
 
 
-class TRCG(torch.optim.Optimizer):
+class TRCG(GuardedOptimizer):
     """Trust-region Newton-CG with Hessian-vector products (no learning rate).
 
     Args:
@@ -112,7 +113,14 @@ class TRCG(torch.optim.Optimizer):
     so it must be deterministic (same batch, no dropout). Returns the loss at the start of
     the step. ``last_stats`` holds the step's statistics (CG iterations, exit reason, rho,
     radius, HVPs, host syncs, ...).
+
+    A NaN/Inf loss, gradient or Hessian-vector product skips the step: parameters, the
+    preconditioner EMA, the radius and the step counters stay as they were, and
+    ``skipped_steps`` counts it (a non-finite loss at the TRIAL point is an ordinary rejected
+    step: the radius shrinks). Param groups must share the first group's settings.
     """
+
+    _name = "TRCG"
 
     # driving contract (llmopt_ext.optim.driver): no learning rate; the closure returns the loss
     step_kind = "closure_loss"
@@ -156,8 +164,23 @@ class TRCG(torch.optim.Optimizer):
         self.sdpa_math = sdpa_math
         self._process_group = process_group
         self.trcg_state: dict = dict(radius=float(radius), steps=0, accepted_steps=0, hvps=0,
-                                     syncs=0, precond_steps=0)
+                                     syncs=0, precond_steps=0, skipped_steps=0)
         self.last_stats: dict = {}
+
+    def _check_group(self, group: dict) -> None:
+        check_beta("precond_beta", group["precond_beta"])
+        check_nonneg("precond_eps", group["precond_eps"])
+        if self.param_groups:  # one trust region: the settings are global
+            first = self.param_groups[0]
+            for k, v in group.items():
+                if k != "params" and first.get(k) != v:
+                    raise ValueError(f"TRCG: param group setting {k}={v!r} differs from the first "
+                                     f"group's {first.get(k)!r}; TRCG has one trust region, so every "
+                                     "group must share the first group's settings")
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.trcg_state.get("skipped_steps", 0)
 
     # ---- plumbing ---------------------------------------------------------------------
 
@@ -198,20 +221,16 @@ class TRCG(torch.optim.Optimizer):
         self._syncs += 1
         return t.tolist()
 
-    def _preconditioner(self, params, grads) -> list[torch.Tensor] | None:
+    def _preconditioner(self, params, grads) -> tuple[list[torch.Tensor] | None, list | None]:
+        """``(M^-1, the updated EMA)``; the EMA is stored by :meth:`_commit` only if the step
+        is not skipped (a NaN gradient must not enter it: every later step would be NaN)."""
         group = self.param_groups[0]
         if group["preconditioner"] is None:
-            return None
+            return None, None
         beta, eps = group["precond_beta"], group["precond_eps"]
-        emas = []
-        for p, g in zip(params, grads):
-            st = self.state[p]
-            if "precond_ema" not in st:
-                st["precond_ema"] = torch.zeros_like(g)
-            emas.append(st["precond_ema"])
-        torch._foreach_mul_(emas, beta)
+        old = [self.state[p].get("precond_ema") for p in params]
+        emas = torch._foreach_mul([torch.zeros_like(g) if e is None else e for e, g in zip(old, grads)], beta)
         torch._foreach_add_(emas, torch._foreach_abs(grads), alpha=1 - beta)
-        self.trcg_state["precond_steps"] += 1
         # bias correction cancels in the normalisation v / mean(v); mean over all elements on
         # the device (no sync): sum of per-tensor L1 norms of the non-negative EMAs
         numel = sum(e.numel() for e in emas)
@@ -220,7 +239,7 @@ class TRCG(torch.optim.Optimizer):
         minv = torch._foreach_add(emas, floor)          # v + eps * mean(v)
         torch._foreach_reciprocal_(minv)
         torch._foreach_mul_(minv, mean + floor)         # mean-1 M; exactly identity when v is constant
-        return minv
+        return minv, emas
 
     # ---- the step -------------------------------------------------------------------------
 
@@ -234,21 +253,34 @@ class TRCG(torch.optim.Optimizer):
         radius = self.trcg_state["radius"]
         stats = dict(radius_used=radius, cg_iters=0, hvps=0, exit="", rho=float("nan"),
                      pred=float("nan"), actual=float("nan"), step_norm=0.0, accepted=False,
-                     loss=float("nan"), loss_new=float("nan"))
+                     loss=float("nan"), loss_new=float("nan"), skipped=False)
         loss, hvp = self._loss_and_hvp(closure, params)
         f0, cg, r = self._solve(hvp, loss, params, radius)
         hvp.release()
         del hvp
         stats.update(loss=f0, exit=cg.exit, cg_iters=cg.iters, hvps=cg.iters,
                      step_norm=math.sqrt(max(cg.s_m_s, 0.0)))
-        if cg.exit == "nonfinite":
-            rho = float("nan")
-        elif cg.exit == "zero_gradient":
+        if cg.exit == "nonfinite":  # loss, gradient or HVP: skip, nothing changes
+            self.trcg_state["skipped_steps"] += 1
+            self.trcg_state["syncs"] += self._syncs
+            self.trcg_state["hvps"] += cg.iters
+            self.last_stats = {**stats, "skipped": True, "radius": radius, "syncs": self._syncs}
+            self._new_ema = None
+            return loss.detach()
+        self._commit_preconditioner(params)
+        if cg.exit == "zero_gradient":
             rho = 0.0
         else:
             rho = self._try_step(closure, params, cg, f0, stats, backup=r)
         self._finish(stats, rho, radius)
         return loss.detach()
+
+    def _commit_preconditioner(self, params) -> None:
+        if self._new_ema is not None:
+            for p, e in zip(params, self._new_ema):
+                self.state[p]["precond_ema"] = e
+            self.trcg_state["precond_steps"] += 1
+        self._new_ema = None
 
     def _loss_and_hvp(self, closure, params):
         """The closure's loss with its graph, and the HVP operator at the current point."""
@@ -272,7 +304,7 @@ class TRCG(torch.optim.Optimizer):
         # CG vectors are float32 whatever the parameter dtype (bf16 CG diverges)
         r = self._mean_over_ranks([g.detach().to(torch.float32, copy=True) for g in hvp.grads])
         loss_d = self._mean_over_ranks([loss.detach().reshape(1).to(torch.float32)])[0]
-        minv = self._preconditioner(params, r)
+        minv, self._new_ema = self._preconditioner(params, r)
         p, rr_dev, rz_dev = cg_start(r, minv)
         f0, rr, rz = self._host(torch.cat([loss_d, rr_dev.reshape(1), rz_dev.reshape(1)]))
         if not all(map(math.isfinite, (f0, rr, rz))):
