@@ -190,6 +190,7 @@ def test_nonfinite_gradient_skipped_with_a_grad_scaler(kind):
     after_p, after_s = _snapshot(model, opt)
     _assert_same(before_p, after_p, "params")
     _assert_same(before_s, after_s)
+    assert skipped_steps(opt) == 1
 
 
 def test_trcg_preconditioner_does_not_absorb_a_nan_gradient():

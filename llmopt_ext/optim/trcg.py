@@ -84,8 +84,8 @@ class TRCG(GuardedOptimizer):
     """Trust-region Newton-CG with Hessian-vector products (no learning rate).
 
     Args:
-        params: parameters (one trust region over all of them; every group shares the first
-            group's hyperparameters).
+        params: parameters (one trust region over all of them; a group whose settings differ
+            from the first group's is refused).
         radius: initial trust radius, in the M-norm (default 1.0). With ``abs_grad_ema`` the
             preconditioner is normalised to mean 1, so the radius stays in parameter units.
         max_radius / min_radius: bounds of the radius (default 100 / 1e-12).
