@@ -3,7 +3,6 @@ Stochastic Recursive Gradient Methods", TMLR 2023): SARAH's recursive gradient e
 with a step size chosen implicitly from local curvature, no learning rate to tune."""
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
