@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from llmopt_ext.optim import TRCG
+from llmopt_ext.optim import steihaug as steihaug_mod
 from llmopt_ext.optim import trcg as trcg_mod
 from llmopt_ext.optim.hvp import DoubleBackwardHVP, ForwardOverReverseHVP
 
@@ -135,6 +136,107 @@ def test_boundary_roots_choose_model_minimiser():
 
 # ---- the shrinking-radius problem ------------------------------------------------------------
 
+# ---- steihaug_cg on dense quadratics ----------------------------------------------------
+
+def _quadratic(n, seed, shift):
+    """H (float64) with eigenvalues shifted by `shift` (negative: indefinite) and g."""
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    H = A @ A.T / n + shift * torch.eye(n, dtype=torch.float64)
+    return H, torch.randn(n, generator=g, dtype=torch.float64)
+
+
+def _as_lists(H, g, split=(5,)):
+    """hvp on a two-tensor list (exercises the multi-tensor ops) and r = [g pieces]."""
+    sizes = [split[0], H.shape[0] - split[0]]
+    H32 = H.float()
+
+    def hvp(v):
+        return list(torch.split(H32 @ torch.cat(v), sizes))
+
+    return hvp, [t.clone() for t in torch.split(g.float(), sizes)]
+
+
+def _model(H, g, s):
+    return float(g @ s + 0.5 * s @ H @ s)
+
+
+@pytest.mark.parametrize("precond", [False, True])
+def test_steihaug_cg_interior_matches_dense_solve(precond):
+    H, g = _quadratic(12, 0, 0.5)
+    hvp, r = _as_lists(H, g)
+    minv = None
+    if precond:
+        d = torch.linspace(0.5, 2.0, 12)
+        minv = [t.clone() for t in torch.split(d, [5, 7])]
+    res = steihaug_mod.steihaug_cg(hvp, r, minv, radius=1e6, max_iters=40,
+                                   tol=1e-6 * float(g.norm()))
+    s = torch.cat(res.s).double()
+    exact = -torch.linalg.solve(H, g)
+    assert res.exit == "converged" and res.iters <= 40
+    assert torch.linalg.vector_norm(s - exact) <= 1e-4 * torch.linalg.vector_norm(exact)
+    assert res.model_change == pytest.approx(_model(H, g, s), rel=1e-4)
+    # r ends as the residual g + H s
+    assert torch.allclose(torch.cat(r).double(), g + H @ s, atol=1e-4)
+    m = torch.ones(12, dtype=torch.float64) if minv is None else 1.0 / torch.cat(minv).double()
+    assert res.s_m_s == pytest.approx(float((s * m * s).sum()), rel=1e-4)
+
+
+@pytest.mark.parametrize("precond", [False, True])
+def test_steihaug_cg_boundary_exit_lies_on_the_m_norm_sphere(precond):
+    H, g = _quadratic(12, 1, 0.5)
+    hvp, r = _as_lists(H, g)
+    minv, m = None, torch.ones(12, dtype=torch.float64)
+    if precond:
+        d = torch.linspace(0.3, 3.0, 12)
+        minv, m = [t.clone() for t in torch.split(d, [5, 7])], 1.0 / d.double()
+    exact = -torch.linalg.solve(H, g)
+    radius = 0.3 * float((exact * m * exact).sum().sqrt())
+    res = steihaug_mod.steihaug_cg(hvp, r, minv, radius=radius, max_iters=40, tol=1e-8)
+    s = torch.cat(res.s).double()
+    assert res.exit == "boundary"
+    assert float((s * m * s).sum().sqrt()) == pytest.approx(radius, rel=1e-5)
+    assert res.s_m_s == pytest.approx(radius**2)
+    assert res.model_change == pytest.approx(_model(H, g, s), rel=1e-4)
+    # at least the Cauchy decrease (Steihaug's guarantee): the first CG step is the
+    # preconditioned steepest descent step clamped to the region
+    assert res.model_change < 0
+
+
+def test_steihaug_cg_negative_curvature_goes_to_the_minimising_boundary_point():
+    H, g = _quadratic(10, 2, -2.0)
+    assert float(torch.linalg.eigvalsh(H)[0]) < 0
+    hvp, r = _as_lists(H, g)
+    res = steihaug_mod.steihaug_cg(hvp, r, None, radius=0.7, max_iters=40, tol=1e-8)
+    s = torch.cat(res.s).double()
+    assert res.exit in ("negative_curvature", "boundary")
+    assert float(s.norm()) == pytest.approx(0.7, rel=1e-5)
+    assert res.model_change == pytest.approx(_model(H, g, s), rel=1e-4)
+    # H = -I: the first direction has negative curvature; the model minimiser on the sphere
+    # is the steepest-descent boundary point -radius g / ||g||
+    hvp, r = _as_lists(-torch.eye(10, dtype=torch.float64), g)
+    res = steihaug_mod.steihaug_cg(hvp, r, None, radius=0.7, max_iters=40, tol=1e-8)
+    assert res.exit == "negative_curvature" and res.iters == 1
+    s = torch.cat(res.s).double()
+    assert torch.allclose(s, -0.7 * g / g.norm(), atol=1e-6)
+    assert res.model_change == pytest.approx(_model(-torch.eye(10, dtype=torch.float64), g, s), rel=1e-5)
+
+
+def test_steihaug_cg_max_iters_zero_gradient_and_nonfinite_exits():
+    H, g = _quadratic(12, 3, 0.5)
+    hvp, r = _as_lists(H, g)
+    res = steihaug_mod.steihaug_cg(hvp, r, None, radius=1e6, max_iters=3, tol=0.0)
+    assert (res.exit, res.iters) == ("max_iters", 3)
+    assert res.model_change == pytest.approx(_model(H, g, torch.cat(res.s).double()), rel=1e-4)
+    hvp, r = _as_lists(H, torch.zeros(12, dtype=torch.float64))
+    res = steihaug_mod.steihaug_cg(hvp, r, None, radius=1.0, max_iters=3, tol=0.0)
+    assert (res.exit, res.iters) == ("zero_gradient", 0)
+    _, r = _as_lists(H, g)
+    res = steihaug_mod.steihaug_cg(lambda v: [torch.full_like(t, float("nan")) for t in v], r, None,
+                                   radius=1.0, max_iters=3, tol=0.0)
+    assert (res.exit, res.iters) == ("nonfinite", 1)
+
+
 def test_log_symmetric_radius_does_not_collapse_when_most_steps_succeed():
     rnd = random.Random(0)
     kw = dict(shrink_below=0.25, expand_above=0.75, min_radius=1e-30, max_radius=1e30)
@@ -231,13 +333,13 @@ def test_autocast_bf16_keeps_cg_in_fp32():
     params = [p for p in model.parameters() if p.requires_grad]
     opt = TRCG(params)
     seen = []
-    orig = trcg_mod.mt_cg_step_
+    orig = steihaug_mod.mt_cg_step_
 
     def spy(xs, rs, ps, hps, alpha, minv=None):
         seen.append({t.dtype for t in (*xs, *rs, *ps, *hps)})
         return orig(xs, rs, ps, hps, alpha, minv)
 
-    trcg_mod.mt_cg_step_ = spy
+    steihaug_mod.mt_cg_step_ = spy
     try:
         for _ in range(3):
             ids = batch()
@@ -249,7 +351,7 @@ def test_autocast_bf16_keeps_cg_in_fp32():
             opt.step(closure)
             assert math.isfinite(opt.last_stats["loss"])
     finally:
-        trcg_mod.mt_cg_step_ = orig
+        steihaug_mod.mt_cg_step_ = orig
     assert seen and all(d == {torch.float32} for d in seen)
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in params)
 
@@ -325,7 +427,7 @@ def test_state_dict_round_trip_gives_identical_trajectory():
 
 
 @pytest.mark.parametrize("where", ["loss", "trial_loss", "gradient", "hvp"])
-def test_nonfinite_is_rejected_params_unchanged_radius_shrinks(where):
+def test_nonfinite_is_rejected_params_unchanged(where):
     w = torch.tensor([0.5, -1.0, 2.0], requires_grad=True)
 
     def closure():
@@ -345,8 +447,14 @@ def test_nonfinite_is_rejected_params_unchanged_radius_shrinks(where):
     opt.step(closure)
     assert torch.equal(w.detach(), before)
     assert not opt.last_stats["accepted"]
-    assert opt.trcg_state["radius"] < 1.0
-    assert opt.last_stats["exit"] in ("nonfinite", "boundary", "negative_curvature", "converged")
+    if where == "trial_loss":  # an ordinary rejected step: the radius shrinks
+        assert opt.trcg_state["radius"] < 1.0
+        assert opt.last_stats["exit"] in ("boundary", "negative_curvature", "converged")
+        assert opt.skipped_steps == 0
+    else:  # a non-finite loss / gradient / HVP skips the step: nothing changes, it is counted
+        assert opt.last_stats["exit"] == "nonfinite" and opt.last_stats["skipped"]
+        assert opt.trcg_state["radius"] == 1.0 and opt.trcg_state["steps"] == 0
+        assert opt.skipped_steps == 1
 
 
 def test_one_host_sync_and_three_vector_launches_per_cg_iteration(monkeypatch):
@@ -361,7 +469,7 @@ def test_one_host_sync_and_three_vector_launches_per_cg_iteration(monkeypatch):
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu"):
         monkeypatch.setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name), "sync"))
     for name in ("mt_dot", "mt_norm_sq", "mt_axpby_", "mt_cg_step_", "mt_cg_direction_"):
-        monkeypatch.setattr(trcg_mod, name, counting(getattr(trcg_mod, name), "vec"))
+        monkeypatch.setattr(steihaug_mod, name, counting(getattr(steihaug_mod, name), "vec"))
 
     g = torch.Generator().manual_seed(1)
     n = 40

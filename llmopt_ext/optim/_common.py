@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -15,7 +15,7 @@ def check_lr(lr: float) -> None:
     if isinstance(lr, torch.Tensor):
         lr = float(lr)
     if not (math.isfinite(lr) and lr >= 0.0):
-        raise ValueError(f"Invalid learning rate: {lr} (expected a finite value >= 0)")
+        raise ValueError(f"Invalid lr (learning rate): {lr} (expected a finite value >= 0)")
 
 
 def check_beta(name: str, b: float) -> None:
@@ -138,3 +138,147 @@ def hutchinson_diag(
 
 def as_float_list(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     return [t if t.dtype == torch.float32 else t.float() for t in tensors]
+
+
+# ---------------------------------------------------------------------------- non-finite steps
+
+def nonfinite_flag(tensors: Iterable[torch.Tensor | None], device: torch.device) -> torch.Tensor:
+    """One-element float32 tensor on ``device``: 1.0 when any element of ``tensors`` (None
+    entries ignored) is NaN or Inf, else 0.0. Computed on the devices without a host sync: one
+    fused ``_foreach_norm`` per device, reduced in float32 (L1 in float32 overflows only past
+    3.4e38, so no finite bf16/fp16 gradient is flagged; a half-precision norm would overflow at
+    6.5e4)."""
+    by_dev: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+    for t in tensors:
+        if t is not None and t.numel():
+            by_dev[t.device].append(t.detach())
+    flag = torch.zeros(1, dtype=torch.float32, device=device)
+    for ts in by_dev.values():
+        total = torch.stack(torch._foreach_norm(ts, 1, dtype=torch.float32)).sum()
+        flag = flag.maximum((~torch.isfinite(total)).to(device=device, dtype=torch.float32,
+                                                          non_blocking=True).reshape(1))
+    return flag
+
+
+def combine_flags(flag: torch.Tensor, found_inf: torch.Tensor | None) -> torch.Tensor:
+    """``max(flag, found_inf)``: skip when either the optimizer or a GradScaler says so."""
+    if found_inf is None:
+        return flag
+    return flag.maximum(found_inf.to(device=flag.device, dtype=torch.float32,
+                                     non_blocking=True).reshape(1))
+
+
+def keep_where(flag: torch.Tensor, olds: Sequence[torch.Tensor], news: Sequence[torch.Tensor]) -> None:
+    """In place ``old <- old if flag else new`` for each pair, without a host sync (a skipped
+    step leaves the state bit-unchanged; NaN in ``new`` does not leak through ``where``)."""
+    skip = flag.reshape(()) != 0
+    for old, new in zip(olds, news):
+        old.copy_(torch.where(skip.to(old.device), old, new))
+
+
+class SkipCounter:
+    """Counts skipped (non-finite) steps on the device: ``add(flag)`` needs no host sync; the
+    count is read (one sync) only by whoever asks for :attr:`value`."""
+
+    def __init__(self) -> None:
+        self._count: torch.Tensor | None = None
+        self._host = 0
+
+    def add(self, flag: torch.Tensor | bool) -> None:
+        if isinstance(flag, bool):
+            self._host += int(flag)
+            return
+        f = flag.reshape(()).to(torch.float32)
+        self._count = f.clone() if self._count is None else self._count + f.to(self._count.device)
+
+    @property
+    def value(self) -> int:
+        return self._host + (0 if self._count is None else int(self._count.item()))
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+def _saved_params(state_dict: dict) -> list:
+    return [pid for g in state_dict["param_groups"] for pid in g["params"]]
+
+
+def check_state_layout(opt_name: str, opt: torch.optim.Optimizer, state_dict: dict,
+                       shaped_like_param: Callable[[str], bool] = lambda key: True) -> None:
+    """Reject a state_dict saved for other parameter shapes before anything is loaded: every
+    saved state tensor with ``shaped_like_param(key)`` and ``dim() > 0`` must have its
+    parameter's shape (torch's loader checks only the number of parameters per group)."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    saved_ids = _saved_params(state_dict)
+    if len(saved_ids) != len(params):
+        raise ValueError(f"{opt_name}.load_state_dict: the state_dict has {len(saved_ids)} parameters, "
+                         f"the optimizer {len(params)}")
+    for i, (pid, p) in enumerate(zip(saved_ids, params)):
+        for key, v in state_dict["state"].get(pid, {}).items():
+            if (isinstance(v, torch.Tensor) and v.dim() > 0 and shaped_like_param(key)
+                    and v.shape != p.shape):
+                raise ValueError(f"{opt_name}.load_state_dict: state {key!r} of parameter {i} has shape "
+                                 f"{tuple(v.shape)}, the parameter {tuple(p.shape)} (a checkpoint of "
+                                 "another model or parameter layout)")
+
+
+def restore_saved_dtypes(opt: torch.optim.Optimizer, state_dict: dict) -> None:
+    """After ``torch.optim.Optimizer.load_state_dict`` (which casts floating state to the
+    parameter dtype: fp32 state of bf16 parameters would become bf16, and then the fused
+    updates refuse it or the trajectory changes): put back the saved tensors in their saved
+    dtype, on the parameter's device, copied (the caller's state_dict is not aliased)."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for pid, p in zip(_saved_params(state_dict), params):
+        saved = state_dict["state"].get(pid)
+        if saved is None:
+            continue
+        st = opt.state[p]
+        for key, v in saved.items():
+            if isinstance(v, torch.Tensor):
+                st[key] = v.detach().to(device=p.device, copy=True)
+            elif isinstance(v, (list, tuple)) and v and all(isinstance(t, torch.Tensor) for t in v):
+                st[key] = type(v)(t.detach().to(device=p.device, copy=True) for t in v)
+
+
+class GuardedOptimizer(torch.optim.Optimizer):
+    """Base of the curvature-aware optimizers: every parameter group is validated when it is
+    added (constructor and ``add_param_group``, so a bad second group fails before any
+    update), a state_dict of another parameter layout is refused at ``load_state_dict`` and the
+    loaded state keeps its saved dtype (fp32 state of bf16/fp16 parameters stays fp32), and
+    skipped non-finite steps are counted (:attr:`skipped_steps`)."""
+
+    _name = "optimizer"
+
+    def _check_group(self, group: dict) -> None:
+        """Raise ValueError naming the bad hyper-parameter of `group` (defaults filled in)."""
+
+    def _state_shaped_like_param(self, key: str) -> bool:
+        """Whether state tensor `key` has its parameter's shape (checked on load)."""
+        return True
+
+    def add_param_group(self, param_group: dict) -> None:
+        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        self._check_group(merged)
+        super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        check_state_layout(self._name, self, state_dict, self._state_shaped_like_param)
+        super().load_state_dict(state_dict)
+        restore_saved_dtypes(self, state_dict)
+
+    def _skips(self) -> SkipCounter:
+        if "_skip_counter" not in self.__dict__:
+            self._skip_counter = SkipCounter()
+        return self._skip_counter
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for a non-finite gradient / Hessian estimate / loss (one host sync)."""
+        return self._skips().value
+
+    def _step_flag(self, tensors: Iterable[torch.Tensor | None], device: torch.device) -> torch.Tensor:
+        """This step's skip flag on `device` (no host sync): non-finite `tensors` or a
+        GradScaler's found_inf; counted."""
+        _, fi = amp_tensors(self, device)
+        flag = combine_flags(nonfinite_flag(tensors, device), fi)
+        self._skips().add(flag)
+        return flag

@@ -7,11 +7,12 @@ from typing import Callable
 import torch
 
 from ..ops import adahessian_update_
-from ._common import (all_reduce_mean_, amp_tensors, by_device_dtype, check_beta, check_lr,
-                      check_nonneg, distributed, hutchinson_diag, params_with_grad, probe_seed)
+from ._common import (GuardedOptimizer, all_reduce_mean_, amp_tensors, by_device_dtype, check_beta,
+                      check_lr, check_nonneg, combine_flags, distributed, hutchinson_diag,
+                      keep_where, params_with_grad, probe_seed)
 
 
-class AdaHessian(torch.optim.Optimizer):
+class AdaHessian(GuardedOptimizer):
     """Adam with the squared Hutchinson estimate of diag(H) in place of g*g:
 
     ``m <- b1 m + (1 - b1) g``; ``v <- b2 v + (1 - b2) D^2`` with ``D = z * (H z)``;
@@ -28,7 +29,13 @@ class AdaHessian(torch.optim.Optimizer):
     across ranks; do not wrap the model in DDP (the HVP needs the local graph), the
     gradients are averaged here when torch.distributed is initialised (sync_grads).
     GradScaler: supported without a host sync (g and D are divided by the scale).
+    A step whose gradient or D holds a NaN/Inf is skipped on the device (one flag passed to
+    the fused update as ``found_inf``; no host sync) and counted in ``skipped_steps``.
+    With ``update_each > 1``, a parameter whose first gradient comes on a step without a fresh
+    D is left alone until the next refresh step.
     """
+
+    _name = "AdaHessian"
 
     _step_supports_amp_scaling = True
     # driving contract (llmopt_ext.optim.driver)
@@ -45,18 +52,20 @@ class AdaHessian(torch.optim.Optimizer):
                  eps: float = 1e-4, weight_decay: float = 0.0, hessian_power: float = 1.0,
                  update_each: int = 1, n_samples: int = 1, *, seed: int = 0,
                  sync_grads: bool | None = None):
-        check_lr(lr)
-        check_beta("beta1", betas[0])
-        check_beta("beta2", betas[1])
-        check_nonneg("eps", eps)
-        check_nonneg("weight_decay", weight_decay)
-        if not 0.0 < hessian_power <= 1.0:
-            raise ValueError(f"Invalid hessian_power: {hessian_power} (expected a value in (0, 1])")
         if update_each < 1 or n_samples < 1:
             raise ValueError("update_each and n_samples must be >= 1")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       hessian_power=hessian_power))
         self.update_each, self.n_samples, self.seed, self.sync_grads = update_each, n_samples, seed, sync_grads
+
+    def _check_group(self, group: dict) -> None:
+        check_lr(group["lr"])
+        check_beta("beta1", group["betas"][0])
+        check_beta("beta2", group["betas"][1])
+        check_nonneg("eps", group["eps"])
+        check_nonneg("weight_decay", group["weight_decay"])
+        if not 0.0 < group["hessian_power"] <= 1.0:
+            raise ValueError(f"Invalid hessian_power: {group['hessian_power']} (expected a value in (0, 1])")
 
     def _state(self, p: torch.Tensor) -> dict:
         st = self.state[p]
@@ -74,6 +83,26 @@ class AdaHessian(torch.optim.Optimizer):
             return d.abs().mean(dim=[2, 3], keepdim=True).expand_as(d).contiguous()
         return d
 
+    def _estimate(self, params, hessian, count):
+        """This step's D (a list, float32) or None when the cached one is reused."""
+        if hessian is not None:
+            return [h.float() for h in hessian]
+        if count % self.update_each == 0:
+            with torch.enable_grad():
+                return hutchinson_diag(params, [p.grad for p in params],
+                                       seed=probe_seed(self.seed, count, 0), n_samples=self.n_samples)
+        return None
+
+    def _store_estimate(self, params, ds, flag) -> None:
+        """Cache D; on a skipped step an existing cache is kept (a first estimate is stored
+        as is: if it is non-finite, the steps that reuse it are skipped too)."""
+        for p, d in zip(params, ds):
+            st, d = self._state(p), self._conv_average(d)
+            if "hessian" in st:
+                keep_where(flag, [st["hessian"]], [d])
+            else:
+                st["hessian"] = d
+
     @torch.no_grad()
     def step(self, closure: Callable | None = None, hessian: list[torch.Tensor] | None = None):
         loss = None
@@ -84,42 +113,42 @@ class AdaHessian(torch.optim.Optimizer):
         if not params:
             return loss
         count = self.param_groups[0].setdefault("step_count", 0)
-        if hessian is not None:
-            ds = [h.float() for h in hessian]
-        elif count % self.update_each == 0:
-            with torch.enable_grad():
-                ds = hutchinson_diag(params, [p.grad for p in params],
-                                     seed=probe_seed(self.seed, count, 0), n_samples=self.n_samples)
-        else:
-            ds = None
-        states = [self._state(p) for p in params]
-        if ds is not None:
-            for st, d in zip(states, ds):
-                st["hessian"] = self._conv_average(d)
+        ds = self._estimate(params, hessian, count)
         for p in params:
             if p.grad.requires_grad:
                 p.grad = p.grad.detach()
         if (self.sync_grads is None and distributed()) or self.sync_grads:
             all_reduce_mean_([p.grad for p in params])
-        pos = {id(p): i for i, p in enumerate(params)}
+        if ds is None:
+            # no fresh estimate: a parameter whose first gradient arrives now has no D yet and
+            # waits for the next refresh step (not updated, no state created)
+            params = [p for p in params if "hessian" in self.state[p]]
+            used = [self.state[p]["hessian"] for p in params]
+        else:
+            used = ds
+        if params:  # one flag, after the all-reduce: every rank takes the same decision
+            flag = self._step_flag([p.grad for p in params] + list(used), params[0].device)
+            if ds is not None:
+                self._store_estimate(params, ds, flag)
+            self._update(set(map(id, params)), flag)
+        self.param_groups[0]["step_count"] = count + 1
+        return loss
+
+    def _update(self, ids: set, flag: torch.Tensor) -> None:
+        """The fused update of the params in `ids`, skipped where `flag` is set."""
         for group in self.param_groups:
-            gp = params_with_grad("AdaHessian", group)
-            if not gp:
-                continue
+            gp = [p for p in params_with_grad("AdaHessian", group) if id(p) in ids]
             for (device, _), idx in by_device_dtype(gp).items():
                 ps = [gp[i] for i in idx]
-                sts = [states[pos[id(p)]] for p in ps]
+                sts = [self._state(p) for p in ps]
                 steps = [st["step"] for st in sts]
-                torch._foreach_add_(steps, 1.0)
                 gs, fi = amp_tensors(self, device)
+                skip = combine_flags(flag.to(device, non_blocking=True), fi)
+                torch._foreach_add_(steps, 1.0 - skip.reshape(()))  # a skipped step does not count
                 beta1, beta2 = group["betas"]
                 adahessian_update_(
                     ps, [p.grad for p in ps], [st["exp_avg"] for st in sts],
                     [st["exp_hessian_diag_sq"] for st in sts], [st["hessian"] for st in sts],
                     step=steps[0], lr=float(group["lr"]), beta1=beta1, beta2=beta2,
                     weight_decay=group["weight_decay"], eps=group["eps"],
-                    hessian_power=group["hessian_power"], grad_scale=gs, found_inf=fi)
-                if fi is not None:  # a skipped step does not count (no host sync)
-                    torch._foreach_sub_(steps, fi.to(steps[0].device).reshape(()))
-        self.param_groups[0]["step_count"] = count + 1
-        return loss
+                    hessian_power=group["hessian_power"], grad_scale=gs, found_inf=skip)

@@ -3,15 +3,14 @@ Stochastic Recursive Gradient Methods", TMLR 2023): SARAH's recursive gradient e
 with a step size chosen implicitly from local curvature, no learning rate to tune."""
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 
-from ._common import all_reduce_mean_, check_beta, check_pos, distributed, params_with_grad
+from ._common import GuardedOptimizer, all_reduce_mean_, check_beta, check_pos, distributed, nonfinite_flag
 
 
-class AISARAH(torch.optim.Optimizer):
+class AISARAH(GuardedOptimizer):
     """Closure API: ``closure()`` returns the loss of the CURRENT mini-batch at the current
     parameters (no backward; it is called twice per step, at w_{t-1} and at w_t, and must use
     the same mini-batch both times). ``full_closure`` (optional, passed to ``step``) returns
@@ -33,7 +32,12 @@ class AISARAH(torch.optim.Optimizer):
 
     One parameter group; float32 parameters. DDP: gradients and HVPs are averaged across
     ranks here (do not wrap the model in DDP).
+
+    A step whose loss, gradient or HVP is NaN/Inf (at w_{t-1} or at the new point) is
+    skipped: parameters and state stay as they were, ``skipped_steps`` counts it.
     """
+
+    _name = "AISARAH"
 
     # driving contract (llmopt_ext.optim.driver): no learning rate; the closure returns the loss
     step_kind = "closure_loss"
@@ -47,14 +51,34 @@ class AISARAH(torch.optim.Optimizer):
 
     def __init__(self, params, gamma: float = 1.0 / 32, beta: float = 0.999, *,
                  max_inner: int = 1000, sync_grads: bool | None = None):
-        check_pos("gamma", gamma)
-        check_beta("beta", beta)
-        if max_inner < 1:
-            raise ValueError("max_inner must be >= 1")
         super().__init__(params, dict(gamma=gamma, beta=beta, max_inner=max_inner))
         if len(self.param_groups) != 1:
             raise ValueError("AISARAH supports one parameter group")
         self.sync_grads = sync_grads
+
+    def _check_group(self, group: dict) -> None:
+        check_pos("gamma", group["gamma"])
+        check_beta("beta", group["beta"])
+        if group["max_inner"] < 1:
+            raise ValueError(f"Invalid max_inner: {group['max_inner']} (expected >= 1)")
+
+    def add_param_group(self, param_group: dict) -> None:
+        if self.param_groups:
+            raise ValueError("AISARAH supports one parameter group")
+        super().add_param_group(param_group)
+
+    def _state_shaped_like_param(self, key: str) -> bool:
+        return key != "v"  # a list (one tensor per parameter), checked in load_state_dict
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        params = [p for g in self.param_groups for p in g["params"]]
+        for st in state_dict["state"].values():
+            v = st.get("v")
+            if v is not None and [tuple(t.shape) for t in v] != [tuple(p.shape) for p in params]:
+                raise ValueError("AISARAH.load_state_dict: state 'v' has shapes "
+                                 f"{[tuple(t.shape) for t in v]}, the parameters "
+                                 f"{[tuple(p.shape) for p in params]} (another parameter layout)")
+        super().load_state_dict(state_dict)
 
     def _sync(self) -> bool:
         return bool(self.sync_grads) or (self.sync_grads is None and distributed())
@@ -91,12 +115,13 @@ class AISARAH(torch.optim.Optimizer):
             if p.grad is not None and p.grad.is_sparse:
                 raise RuntimeError("AISARAH does not support sparse gradients")
         st = self.state[params[0]]
+        restart = None  # the outer-loop state, stored only if the step is taken
         if "v" not in st or st["restart"]:
             v = self._full_grad(full_closure or closure, params)
             if self._sync():
                 all_reduce_mean_(v)
-            st["v"], st["v0_sq"], st["inner"], st["restart"] = v, sum(float(g.square().sum()) for g in v), 0, False
-        v = st["v"]
+            restart = dict(v=v, v0_sq=sum(float(g.square().sum()) for g in v), inner=0, restart=False)
+        v = st["v"] if restart is None else restart["v"]
         # gradient at w_{t-1} with its graph, and H v on the same mini-batch
         loss, g_prev = self._grad(closure, params, create_graph=True)
         with torch.enable_grad():
@@ -105,23 +130,20 @@ class AISARAH(torch.optim.Optimizer):
         hv = list(hv)
         if self._sync():
             all_reduce_mean_(g_prev + hv)
-        vhv = sum(float((a * b).sum()) for a, b in zip(v, hv))
-        hv_sq = sum(float(b.square().sum()) for b in hv)
-        beta = group["beta"]
-        n = st.get("n_alpha", 0)
-        if vhv > 0 and hv_sq > 0:
-            a = vhv / hv_sq
-            inv = beta * st.get("inv_alpha_avg", 0.0) + (1.0 - beta) / a
-            n += 1
-            st["inv_alpha_avg"], st["n_alpha"] = inv, n
-            a = min(a, (1.0 - beta**n) / inv)
-        else:  # no positive curvature along v: fall back to the running bound
-            a = (1.0 - beta**n) / st["inv_alpha_avg"] if n > 0 else 1e-3
+        if self._nonfinite([loss.detach().reshape(1), *v, *g_prev, *hv]):
+            return loss
+        a, alpha_state = self._local_step(st, group["beta"], v, hv)
+        backup = [p.detach().clone() for p in params]  # a bitwise-exact undo if g_new is NaN
         for p, d in zip(params, v):
             p.sub_(a * d)
         _, g_new = self._grad(closure, params, create_graph=False)
         if self._sync():
             all_reduce_mean_(g_new)
+        if self._nonfinite(g_new):
+            for p, b in zip(params, backup):
+                p.copy_(b)
+            return loss
+        st.update(restart or {}, **alpha_state)
         for d, gn, gp in zip(v, g_new, g_prev):
             d.add_(gn).sub_(gp)
         st["inner"] += 1
@@ -131,3 +153,23 @@ class AISARAH(torch.optim.Optimizer):
         for p, g in zip(params, g_new):
             p.grad = g.detach()
         return loss
+
+    def _nonfinite(self, tensors: list[torch.Tensor]) -> bool:
+        """One host sync; a non-finite step is counted and leaves params and state alone."""
+        bad = bool(nonfinite_flag(tensors, tensors[0].device))
+        self._skips().add(bad)
+        return bad
+
+    @staticmethod
+    def _local_step(st: dict, beta: float, v, hv) -> tuple[float, dict]:
+        """The implicit step size and the harmonic-average state it updates (not stored)."""
+        vhv = sum(float((a * b).sum()) for a, b in zip(v, hv))
+        hv_sq = sum(float(b.square().sum()) for b in hv)
+        n = st.get("n_alpha", 0)
+        if vhv > 0 and hv_sq > 0:
+            a = vhv / hv_sq
+            inv = beta * st.get("inv_alpha_avg", 0.0) + (1.0 - beta) / a
+            n += 1
+            return min(a, (1.0 - beta**n) / inv), {"inv_alpha_avg": inv, "n_alpha": n}
+        # no positive curvature along v: fall back to the running bound
+        return ((1.0 - beta**n) / st["inv_alpha_avg"] if n > 0 else 1e-3), {}

@@ -45,6 +45,8 @@ like AdamW):
 ``train()`` / ``eval()``
     optimizers that keep two sets of weights (Schedule-Free) switch them; :func:`set_mode`
     calls these around training and evaluation when an optimizer has them.
+``skipped_steps: int``
+    steps skipped for a non-finite loss, gradient or HVP (read with :func:`skipped_steps`).
 """
 from __future__ import annotations
 
@@ -130,6 +132,13 @@ def deterministic_closure(opt_or_cls) -> bool:
 
 def is_closure_driven(opt_or_cls) -> bool:
     return step_kind(opt_or_cls) in _CLOSURE_KINDS
+
+
+def skipped_steps(opt) -> int:
+    """Steps the optimizer skipped because the loss, a gradient or a Hessian-vector product
+    was NaN/Inf (parameters and state left unchanged); 0 for optimizers that do not count.
+    Reading it may cost one host sync (the count is kept on the device)."""
+    return int(getattr(opt, "skipped_steps", 0) or 0)
 
 
 def step_kwargs(opt, ctx: StepContext | None) -> dict:

@@ -108,46 +108,61 @@ def relora_refresh(
         for adapter in adapters:
             if adapter not in mod.lora_A:
                 continue
-            if getattr(mod, "use_dora", {}).get(adapter, False):
-                raise NotImplementedError(f"relora_refresh: {name} uses DoRA, which has no plain merge-and-restart")
-            a_param, b_param = mod.lora_A[adapter].weight, mod.lora_B[adapter].weight
-            if a_param.dim() != 2 or b_param.dim() != 2:
-                raise NotImplementedError(f"relora_refresh: {name} is not a linear LoRA layer")
-            s = float(mod.scaling[adapter])
-            base = mod.get_base_layer().weight
-            # clone: .float() of a float32 tensor is the tensor itself, overwritten below
-            a_old, b_old = a_param.detach().float().clone(), b_param.detach().float().clone()
-            delta = s * (b_old @ a_old)  # out x in
-            if getattr(mod, "fan_in_fan_out", False):
-                delta = delta.mT
-            base.copy_((base.float() + delta).to(base.dtype))
-            r, n_in = a_param.shape
-            if mode == "svd":
-                if name not in full_grads:
-                    raise KeyError(f"relora_refresh: full_grads has no gradient for LoRA layer {name!r}")
-                g = full_grads[name].float()
-                if g.shape != (b_param.shape[0], n_in):
-                    raise ValueError(f"relora_refresh: full_grads[{name!r}] has shape {tuple(g.shape)}, "
-                                     f"expected {(b_param.shape[0], n_in)}")
-                a_new = torch.linalg.svd(g, full_matrices=False)[2][:r]
-            else:
-                a_new = random_stiefel(n_in, r, seed=seed, offset=offset + k, device=a_param.device).mT
-            a_new = a_new.to(a_param.device, torch.float32)
-            a_param.copy_(a_new.to(a_param.dtype))
-            b_param.zero_()
+            a_param, a_old, a_new = _merge_and_restart(
+                name, mod, adapter, mode, full_grads, seed=seed, offset=offset + k)
             if optimizer is not None:
-                _reset_state(optimizer, a_param)
-                st = optimizer.state.get(b_param)
-                if st and all(k_ in st for k_ in MOMENT_KEYS):
-                    if moment_transfer == "reset":
-                        _reset_state(optimizer, b_param)
-                    else:
-                        gram = a_old @ a_old.mT
-                        c = torch.linalg.solve(gram, a_old @ a_new.mT)  # r x r
-                        st["exp_avg"].copy_((st["exp_avg"].float() @ c).to(st["exp_avg"].dtype))
-                        st["exp_avg_sq"].copy_((st["exp_avg_sq"].float() @ (c * c)).to(st["exp_avg_sq"].dtype))
+                _transfer_moments(optimizer, a_param, mod.lora_B[adapter].weight, a_old, a_new,
+                                  moment_transfer)
             count += 1
     return count
+
+
+def _merge_and_restart(name, mod, adapter, mode, full_grads, *, seed, offset):
+    """Merge one adapter into the base weight, draw its new A, zero B; returns
+    ``(A param, old A, new A)`` (float32 copies)."""
+    if getattr(mod, "use_dora", {}).get(adapter, False):
+        raise NotImplementedError(f"relora_refresh: {name} uses DoRA, which has no plain merge-and-restart")
+    a_param, b_param = mod.lora_A[adapter].weight, mod.lora_B[adapter].weight
+    if a_param.dim() != 2 or b_param.dim() != 2:
+        raise NotImplementedError(f"relora_refresh: {name} is not a linear LoRA layer")
+    s = float(mod.scaling[adapter])
+    base = mod.get_base_layer().weight
+    r, n_in = a_param.shape
+    if mode == "svd":  # checked before anything is written
+        if name not in full_grads:
+            raise KeyError(f"relora_refresh: full_grads has no gradient for LoRA layer {name!r}")
+        g = full_grads[name].float()
+        if g.shape != (b_param.shape[0], n_in):
+            raise ValueError(f"relora_refresh: full_grads[{name!r}] has shape {tuple(g.shape)}, "
+                             f"expected {(b_param.shape[0], n_in)}")
+        a_new = torch.linalg.svd(g, full_matrices=False)[2][:r]
+    else:
+        a_new = random_stiefel(n_in, r, seed=seed, offset=offset, device=a_param.device).mT
+    # clone: .float() of a float32 tensor is the tensor itself, overwritten below
+    a_old, b_old = a_param.detach().float().clone(), b_param.detach().float().clone()
+    delta = s * (b_old @ a_old)  # out x in
+    if getattr(mod, "fan_in_fan_out", False):
+        delta = delta.mT
+    base.copy_((base.float() + delta).to(base.dtype))
+    a_new = a_new.to(a_param.device, torch.float32)
+    a_param.copy_(a_new.to(a_param.dtype))
+    b_param.zero_()
+    return a_param, a_old, a_new
+
+
+def _transfer_moments(optimizer, a_param, b_param, a_old, a_new, moment_transfer: str) -> None:
+    """A's optimizer state is reset; B's moments are rotated into the new subspace or reset."""
+    _reset_state(optimizer, a_param)
+    st = optimizer.state.get(b_param)
+    if not (st and all(k in st for k in MOMENT_KEYS)):
+        return
+    if moment_transfer == "reset":
+        _reset_state(optimizer, b_param)
+        return
+    gram = a_old @ a_old.mT
+    c = torch.linalg.solve(gram, a_old @ a_new.mT)  # r x r
+    st["exp_avg"].copy_((st["exp_avg"].float() @ c).to(st["exp_avg"].dtype))
+    st["exp_avg_sq"].copy_((st["exp_avg_sq"].float() @ (c * c)).to(st["exp_avg_sq"].dtype))
 
 
 def _reset_state(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> None:

@@ -9,14 +9,14 @@ from typing import Callable
 
 import torch
 
-from ._common import (all_reduce_mean_, check_beta, check_lr, check_pos, distributed, hutchinson_diag,
-                      params_with_grad, probe_seed)
+from ._common import (GuardedOptimizer, all_reduce_mean_, check_beta, check_lr, check_pos, distributed,
+                      hutchinson_diag, nonfinite_flag, params_with_grad, probe_seed)
 
 
 GRAD_DIFFERENCES = ("same_batch", "consecutive")
 
 
-class OASIS(torch.optim.Optimizer):
+class OASIS(GuardedOptimizer):
     """Closure API: ``closure()`` must zero the grads, compute the loss and call
     ``loss.backward(create_graph=True)``, and return the loss.
 
@@ -53,7 +53,12 @@ class OASIS(torch.optim.Optimizer):
     Defaults: lr (eta_0) = 1e-3, beta2 = 0.99, alpha = 1e-3 (truncation), init_samples = 10.
     One parameter group. DDP: shared probe seed, estimate and gradients averaged across
     ranks (do not wrap the model in DDP: the HVP needs the local graph).
+
+    A step whose loss, gradient or Hessian estimate is NaN/Inf is skipped (parameters, D,
+    eta, step count unchanged) and counted in ``skipped_steps``.
     """
+
+    _name = "OASIS"
 
     # driving contract (llmopt_ext.optim.driver): the closure runs its own create_graph backward
     step_kind = "closure_backward"
@@ -65,10 +70,6 @@ class OASIS(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, beta2: float = 0.99, alpha: float = 1e-3, *,
                  init_samples: int = 10, distribution: str = "rademacher", seed: int = 0,
                  grad_difference: str = "same_batch", sync_grads: bool | None = None):
-        check_lr(lr)
-        check_pos("lr", lr)
-        check_beta("beta2", beta2)
-        check_pos("alpha", alpha)
         if init_samples < 1:
             raise ValueError("init_samples must be >= 1")
         if grad_difference not in GRAD_DIFFERENCES:
@@ -79,6 +80,17 @@ class OASIS(torch.optim.Optimizer):
         self.init_samples, self.distribution, self.seed, self.sync_grads = (
             init_samples, distribution, seed, sync_grads)
         self.grad_difference = grad_difference
+
+    def _check_group(self, group: dict) -> None:
+        check_lr(group["lr"])
+        check_pos("lr", group["lr"])
+        check_beta("beta2", group["beta2"])
+        check_pos("alpha", group["alpha"])
+
+    def add_param_group(self, param_group: dict) -> None:
+        if self.param_groups:
+            raise ValueError("OASIS supports one parameter group (its step size is global)")
+        super().add_param_group(param_group)
 
     @torch.no_grad()
     def step(self, closure: Callable):
@@ -102,32 +114,20 @@ class OASIS(torch.optim.Optimizer):
             prev_g = self._grads_at_previous_weights(closure, params, sync)
         else:
             prev_g = [self.state[p].get("prev_g") for p in params]
-        beta2, alpha = group["beta2"], group["alpha"]
+        # one host sync (the step size below takes several anyway); identical on every rank
+        if bool(nonfinite_flag([loss.reshape(1), *grads, *est, *prev_g], params[0].device)):
+            self._skips().add(True)  # parameters, D, eta and the step count stay as they were
+            for p in params:
+                p.grad = p.grad.detach()
+            return loss
         states = [self.state[p] for p in params]
         for st, e in zip(states, est):
             if first:
                 st["D"] = e
             else:
-                st["D"].mul_(beta2).add_(e, alpha=1.0 - beta2)
-        dh = [st["D"].abs().clamp(min=alpha) for st in states]
-        if first:
-            eta = float(group["lr"])
-            theta = math.inf
-        else:
-            eta_prev, theta_prev = group["eta"], group["theta"]
-            num = sum(float(((p.detach().float() - st["prev_w"]).square() * d).sum())
-                      for p, st, d in zip(params, states, dh))
-            den = sum(float(((g - pg).square() / d).sum()) for g, pg, d in zip(grads, prev_g, dh))
-            if num > 0 and den > 0:
-                bound = math.sqrt(num) / (2.0 * math.sqrt(den))
-                eta = min(math.sqrt(1.0 + theta_prev) * eta_prev, bound)
-            else:
-                # No movement or no gradient change (e.g. at a stationary point) carries no
-                # curvature information: keep the step size. A zero bound made eta 0 and the
-                # next theta = eta / eta_prev divide by zero (step 117 of bench_finetune); an
-                # infinite one made eta infinite after the first step (theta_0 = inf).
-                eta = eta_prev
-            theta = eta / eta_prev
+                st["D"].mul_(group["beta2"]).add_(e, alpha=1.0 - group["beta2"])
+        dh = [st["D"].abs().clamp(min=group["alpha"]) for st in states]
+        eta, theta = self._step_size(group, params, states, grads, prev_g, dh, first)
         for p, st, g, d in zip(params, states, grads, dh):
             st["prev_w"] = p.detach().float().clone()
             if self.grad_difference == "consecutive":
@@ -136,6 +136,26 @@ class OASIS(torch.optim.Optimizer):
             p.grad = p.grad.detach()
         group["eta"], group["theta"], group["step_count"] = eta, theta, k + 1
         return loss
+
+    @staticmethod
+    def _step_size(group, params, states, grads, prev_g, dh, first) -> tuple[float, float]:
+        """(eta_k, theta_k) of the adaptive rule (class docstring)."""
+        if first:
+            return float(group["lr"]), math.inf
+        eta_prev, theta_prev = group["eta"], group["theta"]
+        num = sum(float(((p.detach().float() - st["prev_w"]).square() * d).sum())
+                  for p, st, d in zip(params, states, dh))
+        den = sum(float(((g - pg).square() / d).sum()) for g, pg, d in zip(grads, prev_g, dh))
+        if num > 0 and den > 0:
+            bound = math.sqrt(num) / (2.0 * math.sqrt(den))
+            eta = min(math.sqrt(1.0 + theta_prev) * eta_prev, bound)
+        else:
+            # No movement or no gradient change (e.g. at a stationary point) carries no
+            # curvature information: keep the step size. A zero bound made eta 0 and the
+            # next theta = eta / eta_prev divide by zero (step 117 of bench_finetune); an
+            # infinite one made eta infinite after the first step (theta_0 = inf).
+            eta = eta_prev
+        return eta, eta / eta_prev
 
     def _grads_at_previous_weights(self, closure: Callable, params: list, sync: bool) -> list[torch.Tensor]:
         """The gradient of the current mini-batch at ``w_{k-1}``; parameters and their .grad

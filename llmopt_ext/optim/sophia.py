@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import sophia_update_
-from ._common import (all_reduce_mean_, amp_tensors, by_device_dtype, check_beta, check_lr,
-                      check_nonneg, check_pos, distributed, hutchinson_diag, params_with_grad,
-                      probe_seed)
+from ._common import (GuardedOptimizer, all_reduce_mean_, amp_tensors, by_device_dtype, check_beta,
+                      check_lr, check_nonneg, check_pos, combine_flags, distributed, hutchinson_diag,
+                      keep_where, params_with_grad, probe_seed)
 
 
 def gnb_loss(logits: torch.Tensor, *, generator: torch.Generator | None = None,
@@ -43,33 +43,46 @@ def _check_sophia_hyper(lr, betas, rho, weight_decay, eps) -> None:
     check_nonneg("weight_decay", weight_decay)
     check_nonneg("eps", eps)
 
-class _SophiaBase(torch.optim.Optimizer):
+
+class _SophiaBase(GuardedOptimizer):
+    """Shared by SophiaG and SophiaH. A step whose gradients (or Hessian estimate) hold a
+    NaN/Inf is skipped on the device: one flag, passed to the fused update as its
+    ``found_inf`` and applied to the Hessian EMA with ``where``, so no host sync."""
+
     _step_supports_amp_scaling = True  # GradScaler passes grad_scale / found_inf
     _name = "Sophia"
+
+    def _check_group(self, group: dict) -> None:
+        _check_sophia_hyper(group["lr"], group["betas"], group["rho"], group["weight_decay"], group["eps"])
+
+    def _all_params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in params_with_grad(self._name, g)]
 
     def _init_state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
         if len(state) == 0:
-            state["step"] = torch.zeros((), dtype=torch.float32)
+            # on the param's device: a skipped step is undone there without a host sync
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
             state["hessian"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
         return state
 
-    def _fused_step(self, group: dict, rho: float, clip: bool) -> None:
+    def _fused_step(self, group: dict, rho: float, clip: bool, flag: torch.Tensor) -> None:
+        """The fused update of `group`, skipped where `flag` (this step's skip flag) is set."""
         params = params_with_grad(self._name, group)
         if not params:
             return
         states = [self._init_state(p) for p in params]
-        for st in states:
-            st["step"] += 1
         beta1 = group["betas"][0]
         for (device, _), idx in by_device_dtype(params).items():
             gs, fi = amp_tensors(self, device)
+            skip = combine_flags(flag.to(device, non_blocking=True), fi)
+            torch._foreach_add_([states[i]["step"] for i in idx], 1.0 - skip.reshape(()))
             sophia_update_(
                 [params[i] for i in idx], [params[i].grad for i in idx],
                 [states[i]["exp_avg"] for i in idx], [states[i]["hessian"] for i in idx],
                 lr=float(group["lr"]), beta1=beta1, rho=rho, weight_decay=group["weight_decay"],
-                eps=group["eps"], clip=clip, grad_scale=gs, found_inf=fi)
+                eps=group["eps"], clip=clip, grad_scale=gs, found_inf=skip)
 
 
 class SophiaG(_SophiaBase):
@@ -106,8 +119,6 @@ class SophiaG(_SophiaBase):
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
                  rho: float = 0.04, weight_decay: float = 1e-1, *, bs: int, eps: float = 1e-15,
                  update_period: int = 10, seed: int = 0):
-        _check_sophia_hyper(lr, betas, rho, weight_decay, eps)
-        check_pos("bs", bs)
         if update_period < 1:
             raise ValueError(f"Invalid update_period: {update_period} (expected >= 1)")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay,
@@ -115,6 +126,10 @@ class SophiaG(_SophiaBase):
         self.update_period, self.seed = update_period, seed
         self._gnb_gen: torch.Generator | None = None
         self._gnb_gen_state: torch.Tensor | None = None  # loaded before the device is known
+
+    def _check_group(self, group: dict) -> None:
+        super()._check_group(group)
+        check_pos("bs", group["bs"])
 
     def step_kwargs(self, ctx) -> dict:
         return {"bs": ctx.n_tokens} if ctx.n_tokens else {}
@@ -150,7 +165,12 @@ class SophiaG(_SophiaBase):
 
     @torch.no_grad()
     def update_hessian(self) -> None:
-        """h <- beta2 h + (1 - beta2) g * g, with g the current .grad (of the GNB loss)."""
+        """h <- beta2 h + (1 - beta2) g * g, with g the current .grad (of the GNB loss); left
+        unchanged (and counted as a skip) when a GNB gradient is NaN/Inf."""
+        params = self._all_params()
+        if not params:
+            return
+        flag = self._step_flag([p.grad for p in params], params[0].device)
         for group in self.param_groups:
             params = params_with_grad(self._name, group)
             if not params:
@@ -158,8 +178,9 @@ class SophiaG(_SophiaBase):
             hs = [self._init_state(p)["hessian"] for p in params]
             gs = [p.grad.float() for p in params]
             beta2 = group["betas"][1]
-            torch._foreach_mul_(hs, beta2)
-            torch._foreach_addcmul_(hs, gs, gs, value=1.0 - beta2)
+            new = torch._foreach_mul(hs, beta2)
+            torch._foreach_addcmul_(new, gs, gs, value=1.0 - beta2)
+            keep_where(flag, hs, new)
 
     def update_hessian_from_logits(self, logits: torch.Tensor, *,
                                    generator: torch.Generator | None = None,
@@ -176,10 +197,13 @@ class SophiaG(_SophiaBase):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if bs is not None:
+            check_pos("bs", bs)
+        params = self._all_params()
+        flag = self._step_flag([p.grad for p in params], params[0].device) if params else None
         for group in self.param_groups:
             b = group["bs"] if bs is None else bs
-            check_pos("bs", b)
-            self._fused_step(group, group["rho"] * b, clip=False)
+            self._fused_step(group, group["rho"] * b, clip=False, flag=flag)
         self.param_groups[0]["step_count"] = self.param_groups[0].get("step_count", 0) + 1
         return loss
 
@@ -217,7 +241,6 @@ class SophiaH(_SophiaBase):
                  rho: float = 1e-2, weight_decay: float = 0.0, *, update_period: int = 10,
                  n_samples: int = 1, distribution: str = "gaussian", eps: float = 1e-12,
                  seed: int = 0, sync_grads: bool | None = None):
-        _check_sophia_hyper(lr, betas, rho, weight_decay, eps)
         if update_period < 1 or n_samples < 1:
             raise ValueError("update_period and n_samples must be >= 1")
         if distribution not in ("gaussian", "rademacher"):
@@ -227,36 +250,40 @@ class SophiaH(_SophiaBase):
         self.update_period, self.n_samples, self.distribution = update_period, n_samples, distribution
         self.seed, self.sync_grads = seed, sync_grads
 
-    def _params(self) -> list[torch.Tensor]:
-        return [p for g in self.param_groups for p in params_with_grad(self._name, g)]
-
     @torch.no_grad()
     def step(self, closure: Callable | None = None, hessian: list[torch.Tensor] | None = None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        params = self._params()
+        params = self._all_params()
         count = self.param_groups[0].setdefault("step_count", 0)
         refresh = hessian is not None or count % self.update_period == 0
-        if refresh and params:
-            if hessian is None:
-                with torch.enable_grad():
-                    hessian = hutchinson_diag(params, [p.grad for p in params],
-                                              seed=probe_seed(self.seed, count, 0),
-                                              n_samples=self.n_samples, distribution=self.distribution)
-            by_param = dict(zip(map(id, params), hessian))
-            for group in self.param_groups:
-                beta2 = group["betas"][1]
-                for p in params_with_grad(self._name, group):
-                    h = self._init_state(p)["hessian"]
-                    h.lerp_(by_param[id(p)].float(), 1.0 - beta2)
+        if refresh and params and hessian is None:
+            with torch.enable_grad():
+                hessian = hutchinson_diag(params, [p.grad for p in params],
+                                          seed=probe_seed(self.seed, count, 0),
+                                          n_samples=self.n_samples, distribution=self.distribution)
         for p in params:
             if p.grad.requires_grad:
                 p.grad = p.grad.detach()
         if (self.sync_grads is None and distributed()) or self.sync_grads:
             all_reduce_mean_([p.grad for p in params])
-        for group in self.param_groups:
-            self._fused_step(group, group["rho"], clip=True)
+        if params:  # after the all-reduce: every rank takes the same decision
+            flag = self._step_flag([p.grad for p in params] + list(hessian if refresh else []),
+                                   params[0].device)
+            if refresh:
+                self._update_ema(params, hessian, flag)
+            for group in self.param_groups:
+                self._fused_step(group, group["rho"], clip=True, flag=flag)
         self.param_groups[0]["step_count"] = count + 1
         return loss
+
+    def _update_ema(self, params: list[torch.Tensor], hessian, flag: torch.Tensor) -> None:
+        """h <- lerp(h, estimate, 1 - beta2), kept where `flag` is set."""
+        by_param = dict(zip(map(id, params), hessian))
+        for group in self.param_groups:
+            beta2 = group["betas"][1]
+            for p in params_with_grad(self._name, group):
+                h = self._init_state(p)["hessian"]
+                keep_where(flag, [h], [torch.lerp(h, by_param[id(p)].float(), 1.0 - beta2)])

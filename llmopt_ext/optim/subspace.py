@@ -32,6 +32,7 @@ from typing import Iterable
 import torch
 
 from ..ops.stiefel import SEED_LIMIT, draw_seed, random_stiefel
+from ._common import GuardedOptimizer, check_beta, check_lr, check_nonneg, check_pos, nonfinite_flag
 
 PROJ_TYPES = ("left", "right", "std", "reverse_std")
 MOMENT_TRANSFERS = ("rotate", "reset", "keep")
@@ -180,7 +181,7 @@ class SubspaceProjector:
         self.last_mode = state.get("last_mode")
 
 
-class GoLoreAdamW(torch.optim.Optimizer):
+class GoLoreAdamW(GuardedOptimizer):
     """AdamW in a low-rank subspace of each 2-D gradient (GaLore / GoLore).
 
     Parameters of groups with ``rank`` set (the constructor default applies to every group) that
@@ -194,7 +195,12 @@ class GoLoreAdamW(torch.optim.Optimizer):
     seed, stream, refresh count), so a resumed run is identical. ``seed=None`` draws the
     projector seed from torch's global generator, broadcast from rank 0 under
     ``torch.distributed`` so all ranks draw the same random subspaces.
+
+    A step with a NaN/Inf gradient is skipped (one host sync per step: the SVD refresh needs
+    finite gradients anyway) and counted in ``skipped_steps``.
     """
+
+    _name = "GoLoreAdamW"
 
     # driving contract (llmopt_ext.optim.driver): a plain backward optimizer
     default_lr = 2e-3
@@ -204,24 +210,25 @@ class GoLoreAdamW(torch.optim.Optimizer):
                  update_proj_gap: int = 200, scale: float = 0.25, proj_type: str = "std",
                  rand_ratio: float = 0.0, total_steps: int | None = None,
                  moment_transfer: str = "rotate", seed: int | None = None):
-        if not lr >= 0.0:
-            raise ValueError(f"GoLoreAdamW: invalid lr {lr}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"GoLoreAdamW: invalid betas {betas}")
-        if not eps >= 0.0:
-            raise ValueError(f"GoLoreAdamW: invalid eps {eps}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=rank,
                         update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
                         rand_ratio=rand_ratio, total_steps=total_steps, moment_transfer=moment_transfer)
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            if group["moment_transfer"] not in MOMENT_TRANSFERS:
-                raise ValueError(f"GoLoreAdamW: moment_transfer must be one of {MOMENT_TRANSFERS}, "
-                                 f"got {group['moment_transfer']!r}")
-            if group["rank"] is not None:  # validates the projector options up front
-                SubspaceProjector(group["rank"], group["update_proj_gap"], group["scale"],
-                                  group["proj_type"], group["rand_ratio"], group["total_steps"], seed=0)
         self.seed = self._shared_seed(seed)
+
+    def _check_group(self, group: dict) -> None:
+        check_lr(group["lr"])
+        check_beta("beta1", group["betas"][0])
+        check_beta("beta2", group["betas"][1])
+        check_nonneg("eps", group["eps"])
+        check_nonneg("weight_decay", group["weight_decay"])
+        check_pos("scale", group["scale"])
+        if group["moment_transfer"] not in MOMENT_TRANSFERS:
+            raise ValueError(f"GoLoreAdamW: moment_transfer must be one of {MOMENT_TRANSFERS}, "
+                             f"got {group['moment_transfer']!r}")
+        if group["rank"] is not None:  # validates the projector options up front
+            SubspaceProjector(group["rank"], group["update_proj_gap"], group["scale"],
+                              group["proj_type"], group["rand_ratio"], group["total_steps"], seed=0)
 
     @staticmethod
     def _shared_seed(seed: int | None) -> int:
@@ -249,6 +256,10 @@ class GoLoreAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grads = [p.grad for p in self._params() if p.grad is not None]
+        if grads and bool(nonfinite_flag(grads, grads[0].device)):
+            self._skips().add(True)  # parameters, moments and projectors stay as they were
+            return loss
         index = {id(p): i for i, p in enumerate(self._params())}
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
@@ -310,6 +321,28 @@ class GoLoreAdamW(torch.optim.Optimizer):
         state["exp_avg"] = proj.transfer(state["exp_avg"], old)
         state["exp_avg_sq"] = proj.transfer(state["exp_avg_sq"], old, squared=True)
 
+    def _check_layout(self, state_dict: dict) -> None:
+        """Refuse the state of other parameter shapes before loading anything."""
+        saved_ids = list(itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
+        params = self._params()
+        if len(saved_ids) != len(params):
+            raise ValueError(f"GoLoreAdamW.load_state_dict: the state_dict has {len(saved_ids)} "
+                             f"parameters, the optimizer {len(params)}")
+        for i, (pid, p) in enumerate(zip(saved_ids, params)):
+            s = state_dict["state"].get(pid, {})
+            want = tuple(p.shape)
+            proj = s.get("projector")
+            if proj is not None and proj["basis"] is not None:
+                basis, side = tuple(proj["basis"].shape), proj["side"]
+                if p.dim() != 2 or basis[0] != (p.shape[0] if side == "left" else p.shape[1]):
+                    raise ValueError(f"GoLoreAdamW.load_state_dict: the projector basis of parameter {i} "
+                                     f"has shape {basis}, not one for a parameter of shape {want}")
+                want = (basis[1], p.shape[1]) if side == "left" else (p.shape[0], basis[1])
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in s and tuple(s[key].shape) != want:
+                    raise ValueError(f"GoLoreAdamW.load_state_dict: state {key!r} of parameter {i} has "
+                                     f"shape {tuple(s[key].shape)}, expected {want} (another layout)")
+
     # -- serialisation: projectors as plain dicts, state kept in float32 --------------------
     def state_dict(self) -> dict:
         sd = super().state_dict()
@@ -322,6 +355,7 @@ class GoLoreAdamW(torch.optim.Optimizer):
         # torch's loader casts floating state to the parameter dtype (bf16 state for bf16
         # parameters, losing bits); restore the per-parameter state ourselves instead.
         saved_state = state_dict["state"]
+        self._check_layout(state_dict)
         light = {k: v for k, v in state_dict.items() if k not in ("state", "golore_seed")}
         light["state"] = {}
         super().load_state_dict(light)

@@ -4,8 +4,9 @@ Each ``step(closure)``:
 
 1. ``loss = closure()`` with grad enabled; the gradient ``g`` is taken with ``create_graph``
    so Hessian-vector products are backward passes through it (or forward-over-reverse).
-2. Preconditioned Steihaug-Toint CG on the model ``m(s) = g's + s'Hs/2`` inside the trust
-   region ``||s||_M <= radius`` (``M = diag(1/minv)``, the identity without preconditioner).
+2. Preconditioned Steihaug-Toint CG (:func:`llmopt_ext.optim.steihaug.steihaug_cg`) on the
+   model ``m(s) = g's + s'Hs/2`` inside the trust region ``||s||_M <= radius``
+   (``M = diag(1/minv)``, the identity without preconditioner).
    Per CG iteration: one HVP, three fused multi-tensor launches (``mt_dot`` for ``p'Hp``,
    ``mt_cg_step_``, ``mt_cg_direction_``) and ONE host sync. The step length is applied
    speculatively on the device, ``alpha = rz / p'Hp`` clamped to the boundary root (known on
@@ -50,35 +51,21 @@ from typing import Callable, Iterable
 
 import torch
 
-from ..ops import mt_axpby_, mt_cg_direction_, mt_cg_step_, mt_dot, mt_norm_sq
+from ._common import GuardedOptimizer, check_beta, check_nonneg
 from .hvp import DoubleBackwardHVP, ForwardOverReverseHVP, math_sdpa
+from .steihaug import CGResult, boundary_roots, cg_start, steihaug_cg  # noqa: F401 (boundary_roots: public here too)
 
 HVP_METHODS = ("double_backward", "forward_over_reverse")
 PRECONDITIONERS = (None, "abs_grad_ema")
 
 # counters kept across steps (state_dict "trcg" entry)
-_GLOBAL_KEYS = ("radius", "steps", "accepted_steps", "hvps", "syncs", "precond_steps")
+_GLOBAL_KEYS = ("radius", "steps", "accepted_steps", "hvps", "syncs", "precond_steps", "skipped_steps")
 
 
 def default_cg_tol(r0_norm: float) -> float:
     """Stop CG when ``||r|| <= min(0.5, sqrt(||r0||)) * ||r0||`` (superlinear local rate,
     Nocedal & Wright eq. 7.3 with forcing sequence min(0.5, sqrt(||g||)))."""
     return min(0.5, math.sqrt(r0_norm)) * r0_norm
-
-
-def boundary_roots(s_m_p: float, p_m_p: float, s_m_s: float, radius: float) -> tuple[float, float]:
-    """Roots ``tau_- <= 0 <= tau_+`` of ``||s + tau p||_M = radius`` from ``s'Mp``, ``p'Mp``,
-    ``||s||_M^2`` (s inside the region)."""
-    slack = max(radius * radius - s_m_s, 0.0)  # rounding can push s_m_s a hair past radius^2
-    disc = math.sqrt(s_m_p * s_m_p + p_m_p * slack)
-    # cancellation-free forms of (-b +- sqrt(b^2 + ac)) / a
-    if s_m_p >= 0:
-        tau_minus = -(s_m_p + disc) / p_m_p
-        tau_plus = slack / (s_m_p + disc) if s_m_p + disc > 0 else 0.0
-    else:
-        tau_plus = (-s_m_p + disc) / p_m_p
-        tau_minus = -slack / (-s_m_p + disc) if disc - s_m_p > 0 else 0.0
-    return tau_minus, tau_plus
 
 
 def update_radius(radius: float, rho: float, exit_reason: str, step_norm: float, *,
@@ -93,12 +80,12 @@ def update_radius(radius: float, rho: float, exit_reason: str, step_norm: float,
     return radius
 
 
-class TRCG(torch.optim.Optimizer):
+class TRCG(GuardedOptimizer):
     """Trust-region Newton-CG with Hessian-vector products (no learning rate).
 
     Args:
-        params: parameters (one trust region over all of them; every group shares the first
-            group's hyperparameters).
+        params: parameters (one trust region over all of them; a group whose settings differ
+            from the first group's is refused).
         radius: initial trust radius, in the M-norm (default 1.0). With ``abs_grad_ema`` the
             preconditioner is normalised to mean 1, so the radius stays in parameter units.
         max_radius / min_radius: bounds of the radius (default 100 / 1e-12).
@@ -126,7 +113,14 @@ class TRCG(torch.optim.Optimizer):
     so it must be deterministic (same batch, no dropout). Returns the loss at the start of
     the step. ``last_stats`` holds the step's statistics (CG iterations, exit reason, rho,
     radius, HVPs, host syncs, ...).
+
+    A NaN/Inf loss, gradient or Hessian-vector product skips the step: parameters, the
+    preconditioner EMA, the radius and the step counters stay as they were, and
+    ``skipped_steps`` counts it (a non-finite loss at the TRIAL point is an ordinary rejected
+    step: the radius shrinks). Param groups must share the first group's settings.
     """
+
+    _name = "TRCG"
 
     # driving contract (llmopt_ext.optim.driver): no learning rate; the closure returns the loss
     step_kind = "closure_loss"
@@ -170,8 +164,23 @@ class TRCG(torch.optim.Optimizer):
         self.sdpa_math = sdpa_math
         self._process_group = process_group
         self.trcg_state: dict = dict(radius=float(radius), steps=0, accepted_steps=0, hvps=0,
-                                     syncs=0, precond_steps=0)
+                                     syncs=0, precond_steps=0, skipped_steps=0)
         self.last_stats: dict = {}
+
+    def _check_group(self, group: dict) -> None:
+        check_beta("precond_beta", group["precond_beta"])
+        check_nonneg("precond_eps", group["precond_eps"])
+        if self.param_groups:  # one trust region: the settings are global
+            first = self.param_groups[0]
+            for k, v in group.items():
+                if k != "params" and first.get(k) != v:
+                    raise ValueError(f"TRCG: param group setting {k}={v!r} differs from the first "
+                                     f"group's {first.get(k)!r}; TRCG has one trust region, so every "
+                                     "group must share the first group's settings")
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.trcg_state.get("skipped_steps", 0)
 
     # ---- plumbing ---------------------------------------------------------------------
 
@@ -212,20 +221,16 @@ class TRCG(torch.optim.Optimizer):
         self._syncs += 1
         return t.tolist()
 
-    def _preconditioner(self, params, grads) -> list[torch.Tensor] | None:
+    def _preconditioner(self, params, grads) -> tuple[list[torch.Tensor] | None, list | None]:
+        """``(M^-1, the updated EMA)``; the EMA is stored by :meth:`_commit` only if the step
+        is not skipped (a NaN gradient must not enter it: every later step would be NaN)."""
         group = self.param_groups[0]
         if group["preconditioner"] is None:
-            return None
+            return None, None
         beta, eps = group["precond_beta"], group["precond_eps"]
-        emas = []
-        for p, g in zip(params, grads):
-            st = self.state[p]
-            if "precond_ema" not in st:
-                st["precond_ema"] = torch.zeros_like(g)
-            emas.append(st["precond_ema"])
-        torch._foreach_mul_(emas, beta)
+        old = [self.state[p].get("precond_ema") for p in params]
+        emas = torch._foreach_mul([torch.zeros_like(g) if e is None else e for e, g in zip(old, grads)], beta)
         torch._foreach_add_(emas, torch._foreach_abs(grads), alpha=1 - beta)
-        self.trcg_state["precond_steps"] += 1
         # bias correction cancels in the normalisation v / mean(v); mean over all elements on
         # the device (no sync): sum of per-tensor L1 norms of the non-negative EMAs
         numel = sum(e.numel() for e in emas)
@@ -234,24 +239,51 @@ class TRCG(torch.optim.Optimizer):
         minv = torch._foreach_add(emas, floor)          # v + eps * mean(v)
         torch._foreach_reciprocal_(minv)
         torch._foreach_mul_(minv, mean + floor)         # mean-1 M; exactly identity when v is constant
-        return minv
+        return minv, emas
 
     # ---- the step -------------------------------------------------------------------------
 
-    def step(self, closure: Callable[[], torch.Tensor] | None = None):  # noqa: C901, PLR0912, PLR0915
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
         if closure is None:
             raise ValueError("TRCG.step needs a closure that returns the loss (without calling backward)")
-        group = self.param_groups[0]
         params = self._params()
         if not params:
             raise ValueError("TRCG: no parameter requires grad")
-        st = self.trcg_state
         self._syncs = 0
-        radius = st["radius"]
+        radius = self.trcg_state["radius"]
         stats = dict(radius_used=radius, cg_iters=0, hvps=0, exit="", rho=float("nan"),
                      pred=float("nan"), actual=float("nan"), step_norm=0.0, accepted=False,
-                     loss=float("nan"), loss_new=float("nan"))
+                     loss=float("nan"), loss_new=float("nan"), skipped=False)
+        loss, hvp = self._loss_and_hvp(closure, params)
+        f0, cg, r = self._solve(hvp, loss, params, radius)
+        hvp.release()
+        del hvp
+        stats.update(loss=f0, exit=cg.exit, cg_iters=cg.iters, hvps=cg.iters,
+                     step_norm=math.sqrt(max(cg.s_m_s, 0.0)))
+        if cg.exit == "nonfinite":  # loss, gradient or HVP: skip, nothing changes
+            self.trcg_state["skipped_steps"] += 1
+            self.trcg_state["syncs"] += self._syncs
+            self.trcg_state["hvps"] += cg.iters
+            self.last_stats = {**stats, "skipped": True, "radius": radius, "syncs": self._syncs}
+            self._new_ema = None
+            return loss.detach()
+        self._commit_preconditioner(params)
+        if cg.exit == "zero_gradient":
+            rho = 0.0
+        else:
+            rho = self._try_step(closure, params, cg, f0, stats, backup=r)
+        self._finish(stats, rho, radius)
+        return loss.detach()
 
+    def _commit_preconditioner(self, params) -> None:
+        if self._new_ema is not None:
+            for p, e in zip(params, self._new_ema):
+                self.state[p]["precond_ema"] = e
+            self.trcg_state["precond_steps"] += 1
+        self._new_ema = None
+
+    def _loss_and_hvp(self, closure, params):
+        """The closure's loss with its graph, and the HVP operator at the current point."""
         with torch.enable_grad(), math_sdpa(self.sdpa_math):
             loss = closure()
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -259,115 +291,70 @@ class TRCG(torch.optim.Optimizer):
             if not loss.requires_grad:
                 raise RuntimeError("TRCG: the loss does not require grad; the closure must run with "
                                    "grad enabled and must not detach the loss")
-            if group["hvp"] == "forward_over_reverse":
+            if self.param_groups[0]["hvp"] == "forward_over_reverse":
                 hvp = ForwardOverReverseHVP(loss, params, self.model, closure)
             else:
                 hvp = DoubleBackwardHVP(loss, params)
+        return loss, hvp
+
+    def _solve(self, hvp, loss, params, radius) -> tuple[float, CGResult, list[torch.Tensor]]:
+        """Gradient, preconditioner and the Steihaug-CG step; returns (f0, CG result, the
+        final residual: dead after CG, reused as the parameter backup)."""
+        group = self.param_groups[0]
         # CG vectors are float32 whatever the parameter dtype (bf16 CG diverges)
-        r = [g.detach().to(torch.float32, copy=True) for g in hvp.grads]
-        r = self._mean_over_ranks(r)
+        r = self._mean_over_ranks([g.detach().to(torch.float32, copy=True) for g in hvp.grads])
         loss_d = self._mean_over_ranks([loss.detach().reshape(1).to(torch.float32)])[0]
-        minv = self._preconditioner(params, r)
-        s = [torch.zeros_like(t) for t in r]
-        p = [torch.zeros_like(t) for t in r]
-        mt_cg_direction_(p, r, 0.0, minv)                         # p0 = -M^-1 g
-        rr_dev = mt_norm_sq(r)
-        rz_dev = rr_dev if minv is None else -mt_dot(r, p)
+        minv, self._new_ema = self._preconditioner(params, r)
+        p, rr_dev, rz_dev = cg_start(r, minv)
         f0, rr, rz = self._host(torch.cat([loss_d, rr_dev.reshape(1), rz_dev.reshape(1)]))
-        stats["loss"] = f0
-
-        model_change = 0.0  # m(s) - m(0), from the CG recurrences
-        s_m_s = 0.0
         if not all(map(math.isfinite, (f0, rr, rz))):
-            stats["exit"] = "nonfinite"
-        elif rr == 0.0 or rz <= 0.0:
-            stats["exit"] = "zero_gradient"
-        else:
-            tol_sq = self.cg_tol(math.sqrt(rr)) ** 2
-            s_m_p, p_m_p = 0.0, rz
-            for it in range(group["max_cg_iters"]):
-                with math_sdpa(self.sdpa_math):  # forward-over-reverse re-runs the closure
-                    hp = hvp(p)
-                hp = [h if h.dtype == torch.float32 else h.float() for h in hp]
-                hp = self._mean_over_ranks(hp)
-                stats["hvps"] += 1
-                tau_minus, tau_plus = boundary_roots(s_m_p, p_m_p, s_m_s, radius)
-                php_dev = mt_dot(p, hp)
-                # speculative step: the CG length clamped to the boundary, 0 on curvature <= 0
-                alpha_dev = torch.where(php_dev > 0, (rz / php_dev).clamp(max=tau_plus),
-                                        torch.zeros_like(php_dev))
-                norms = mt_cg_step_(s, r, p, hp, alpha_dev, minv)
-                php, _, rr_new, rz_new = self._host(torch.cat([php_dev.reshape(1), norms]))
-                stats["cg_iters"] = it + 1
-                if not math.isfinite(php):
-                    stats["exit"] = "nonfinite"
-                    break
-                if php <= 0:  # negative curvature: the boundary root that minimises the model
-                    q_minus = -tau_minus * rz + 0.5 * tau_minus**2 * php
-                    q_plus = -tau_plus * rz + 0.5 * tau_plus**2 * php
-                    tau, q = (tau_minus, q_minus) if q_minus < q_plus else (tau_plus, q_plus)
-                    mt_axpby_(s, p, tau, 1.0)  # s was left unchanged (alpha = 0 above)
-                    model_change += q
-                    s_m_s = radius * radius
-                    stats["exit"] = "negative_curvature"
-                    break
-                alpha = rz / php
-                if alpha >= tau_plus:  # crossed the boundary: stopped on it (clamped alpha)
-                    model_change += -tau_plus * rz + 0.5 * tau_plus**2 * php
-                    s_m_s = radius * radius
-                    stats["exit"] = "boundary"
-                    break
-                if not (math.isfinite(rr_new) and math.isfinite(rz_new)):
-                    stats["exit"] = "nonfinite"
-                    break
-                model_change += -0.5 * alpha * rz
-                s_m_s = s_m_s + 2 * alpha * s_m_p + alpha * alpha * p_m_p
-                if rr_new <= tol_sq or rz_new <= 0:
-                    stats["exit"] = "converged"
-                    break
-                if it + 1 == group["max_cg_iters"]:
-                    stats["exit"] = "max_iters"
-                    break
-                beta = rz_new / rz
-                s_m_p = beta * (s_m_p + alpha * p_m_p)
-                p_m_p = rz_new + beta * beta * p_m_p
-                rz = rz_new
-                mt_cg_direction_(p, r, beta, minv)
-        hvp.release()
-        del hvp, loss_d
-        st["hvps"] += stats["hvps"]
-        stats["step_norm"] = math.sqrt(max(s_m_s, 0.0))
+            return f0, CGResult([torch.zeros_like(t) for t in r], 0.0, 0.0, "nonfinite", 0), r
+        if rr == 0.0:
+            return f0, CGResult([torch.zeros_like(t) for t in r], 0.0, 0.0, "zero_gradient", 0), r
 
-        if stats["exit"] in ("nonfinite",):
+        def hvp_f32(v):
+            with math_sdpa(self.sdpa_math):  # forward-over-reverse re-runs the closure
+                hv = hvp(v)
+            return self._mean_over_ranks([h if h.dtype == torch.float32 else h.float() for h in hv])
+
+        tol = self.cg_tol(math.sqrt(rr)) if rz > 0 else 0.0
+        cg = steihaug_cg(hvp_f32, r, minv, radius, group["max_cg_iters"], tol, p=p, rz=rz,
+                         host=self._host)
+        return f0, cg, r
+
+    def _try_step(self, closure, params, cg: CGResult, f0: float, stats: dict, *,
+                  backup: list[torch.Tensor]) -> float:
+        """Apply the step, evaluate the trial point, undo it unless accepted (from ``backup``,
+        float32 buffers shaped like the params: a bitwise-exact undo); returns rho."""
+        with torch.no_grad():
+            torch._foreach_copy_(backup, params)
+            torch._foreach_add_(params, cg.s if all(q.dtype == torch.float32 for q in params)
+                                else [x.to(q.dtype) for x, q in zip(cg.s, params)])
+            new = closure()
+        new_d = self._mean_over_ranks([new.detach().reshape(1).to(torch.float32)])[0]
+        (f_new,) = self._host(new_d)
+        pred = -cg.model_change
+        actual = f0 - f_new
+        slack = 10 * torch.finfo(torch.float32).eps * max(1.0, abs(f0))
+        if not math.isfinite(f_new):
             rho = float("nan")
-        elif stats["exit"] == "zero_gradient":
-            rho = 0.0
+        elif pred + slack > 0:
+            rho = (actual + slack) / (pred + slack)
         else:
-            backup = r  # r is dead after CG: it holds the parameters for a bitwise-exact undo
+            rho = -1.0
+        stats.update(loss_new=f_new, pred=pred, actual=actual)
+        if math.isfinite(rho) and rho > self.param_groups[0]["eta"]:
+            stats["accepted"] = True
+        else:
             with torch.no_grad():
-                torch._foreach_copy_(backup, params)
-                torch._foreach_add_(params, s if params[0].dtype == torch.float32 and
-                                    all(q.dtype == torch.float32 for q in params)
-                                    else [x.to(q.dtype) for x, q in zip(s, params)])
-                new = closure()
-            new_d = self._mean_over_ranks([new.detach().reshape(1).to(torch.float32)])[0]
-            (f_new,) = self._host(new_d)
-            pred = -model_change
-            actual = f0 - f_new
-            slack = 10 * torch.finfo(torch.float32).eps * max(1.0, abs(f0))
-            if not math.isfinite(f_new):
-                rho = float("nan")
-            elif pred + slack > 0:
-                rho = (actual + slack) / (pred + slack)
-            else:
-                rho = -1.0
-            stats.update(loss_new=f_new, pred=pred, actual=actual)
-            if math.isfinite(rho) and rho > group["eta"]:
-                stats["accepted"] = True
-            else:
-                with torch.no_grad():
-                    torch._foreach_copy_(params, backup)
+                torch._foreach_copy_(params, backup)
+        return rho
+
+    def _finish(self, stats: dict, rho: float, radius: float) -> None:
+        """Radius update and counters."""
+        group, st = self.param_groups[0], self.trcg_state
         stats["rho"] = rho
+        st["hvps"] += stats["hvps"]
         if stats["exit"] != "zero_gradient":
             st["radius"] = update_radius(
                 radius, rho, stats["exit"], stats["step_norm"], shrink=group["shrink"],
@@ -379,7 +366,6 @@ class TRCG(torch.optim.Optimizer):
         st["syncs"] += self._syncs
         stats.update(radius=st["radius"], syncs=self._syncs)
         self.last_stats = stats
-        return loss.detach()
 
     # ---- checkpointing ----------------------------------------------------------------
 
