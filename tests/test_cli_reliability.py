@@ -400,18 +400,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_stalled_rank_ends_the_job_after_ddp_timeout(tmp_path):
-    """Two gloo ranks; rank 1 is SIGSTOPped mid-run: rank 0 fails within --ddp-timeout (10 s)
-    plus a margin with an error naming itself and the timeout, instead of gloo's 30 minutes."""
-    port, timeout = _free_port(), 10
-    procs = []
+def _start_ranks(out, *argv):
+    """Two gloo ranks of the CLI, started as torchrun would (env://); rank 0's output pumped."""
+    port, procs = _free_port(), []
     for rank in range(2):
         env = dict(os.environ, OMP_NUM_THREADS="1", WORLD_SIZE="2", RANK=str(rank),
                    LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         cmd = [sys.executable, "-m", "llmopt_ext.finetune",
                *[a for a in TINY if a != "--no-progress"], "--device", "cpu", "--no-eval",
-               "--max-steps", "100000", "--ddp-timeout", str(timeout),
-               "--output-dir", str(tmp_path / "ddp")]
+               "--output-dir", str(out), *argv]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE))
     buf = {"err": b"", "out": b""}
@@ -421,6 +418,24 @@ def test_stalled_rank_ends_the_job_after_ddp_timeout(tmp_path):
             buf[key] += chunk
     threading.Thread(target=pump, args=(procs[0].stderr, "err"), daemon=True).start()
     threading.Thread(target=pump, args=(procs[0].stdout, "out"), daemon=True).start()
+    threading.Thread(target=procs[1].communicate, daemon=True).start()  # drain rank 1
+    return procs, buf
+
+
+def _reap(procs):
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGCONT)
+            p.kill()
+        p.wait()
+
+
+def test_stalled_rank_ends_the_job_after_ddp_timeout(tmp_path):
+    """Two gloo ranks; rank 1 is SIGSTOPped mid-run: rank 0 fails within --ddp-timeout (10 s)
+    plus a margin with an error naming itself and the timeout, instead of gloo's 30 minutes."""
+    timeout = 10
+    procs, buf = _start_ranks(tmp_path / "ddp", "--max-steps", "100000",
+                              "--ddp-timeout", str(timeout))
     try:
         _wait_for_steps(procs[0], buf, 2, 100000)
         procs[1].send_signal(signal.SIGSTOP)
@@ -428,11 +443,26 @@ def test_stalled_rank_ends_the_job_after_ddp_timeout(tmp_path):
         rc = procs[0].wait(timeout=timeout + 40)
         took = time.time() - t0
     finally:
-        procs[1].send_signal(signal.SIGKILL)
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
+        _reap(procs)
     err = buf["err"].decode(errors="replace")
     assert rc != 0 and took < timeout + 30, (rc, took, err[-3000:])
     assert "rank 0 of 2" in err and "--ddp-timeout 10 s" in err, err[-3000:]
+
+
+def test_sigint_under_ddp_stops_every_rank_at_one_step(tmp_path):
+    """Ctrl-C reaches every rank (a terminal signals the process group), at different steps:
+    the ranks agree on one step, rank 0 saves the checkpoint at that step, both exit 130."""
+    out = tmp_path / "ddp"
+    procs, buf = _start_ranks(out, "--max-steps", "100000", "--lr-schedule", "constant")
+    try:
+        _wait_for_steps(procs[0], buf, 2, 100000)
+        procs[0].send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        procs[1].send_signal(signal.SIGINT)
+        rcs = [p.wait(timeout=120) for p in procs]
+    finally:
+        _reap(procs)
+    assert rcs == [130, 130], buf["err"].decode(errors="replace")[-3000:]
+    r = _results(out)
+    assert r["interrupted"] == "SIGINT" and r["train"]["max_rank_param_diff"] == 0.0
+    assert C.decode_state(str(out / "checkpoint" / CK))["step"] == r["train"]["end_step"]
