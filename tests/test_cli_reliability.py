@@ -215,7 +215,8 @@ def _wait_for_steps(p, buf, n, total, timeout=120):
     """Waits until the progress bar shows at least ``n`` finished steps."""
     t0 = time.time()
     while time.time() - t0 < timeout:
-        done = [int(m) for m in re.findall(rb"\|\s*(\d+)/%d" % total, buf["err"])]
+        bar = rb"finetune [\w-]+:[^\r\n]*?\|\s*(\d+)/%d\b" % total  # not "Loading weights"
+        done = [int(m) for m in re.findall(bar, buf["err"])]
         if done and max(done) >= n:
             return
         assert p.poll() is None, buf["err"].decode(errors="replace")[-3000:]
@@ -249,6 +250,31 @@ def test_signal_saves_a_resumable_run(tmp_path, sig, code):
     assert _run(tmp_path / "straight", "--max-steps", str(k + 2), *common) == 0
     a, b = _adapter(out), _adapter(tmp_path / "straight")
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_signal_during_the_final_evaluation_saves(tmp_path, monkeypatch):
+    """SIGINT while the evaluation after training runs (which a real model spends minutes on):
+    the trained adapter and a checkpoint at the last step are saved, exit code 130. In-process:
+    the signal is sent as that evaluation starts, so the timing is exact."""
+    from llmopt_ext.finetune import train as T
+    real = T._evaluate
+
+    def evaluate(r, when):
+        if when == "after":
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(r, when)
+    monkeypatch.setattr(T, "_evaluate", evaluate)
+    out = tmp_path / "run"
+    assert _run(out, "--max-steps", "3") == 130
+    r = _results(out)
+    assert r["interrupted"] == "SIGINT" and "after" not in r and "before" in r
+    assert r["train"]["steps"] == 3
+    assert C.decode_state(str(out / "checkpoint" / CK))["step"] == 3
+    monkeypatch.setattr(T, "_evaluate", real)
+    assert _run(out, "--max-steps", "3", "--resume", str(out / "checkpoint")) == 0
+    r = _results(out)
+    assert r["train"]["steps"] == 0 and "after" in r and "interrupted" not in r
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
 
 # -------------------------------------------------------------------- output dir / resume

@@ -16,7 +16,8 @@ Outputs in --output-dir: ``adapter/`` (peft format: ``PeftModel.from_pretrained(
 that holds a previous run is refused unless --overwrite is given or the run resumes from that
 directory's own checkpoint.
 
-Ctrl-C (SIGINT) or SIGTERM during training: the current step finishes, then the adapter,
+Ctrl-C (SIGINT) or SIGTERM during training (or the evaluation after it): the current step
+finishes, then the adapter,
 checkpoint/ and a results.json marked "interrupted" are saved and the exit code is 130 / 143;
 continue with --resume DIR/checkpoint. Bad input (options, data, model, checkpoint) exits with
 code 2 and one line ``llmopt-finetune: error: ...``.
@@ -119,6 +120,10 @@ def main(argv=None) -> int:
         return 2
     except Interrupted as e:  # the run saved what it had: 128 + signal, as a shell reports it
         return 128 + e.signum
+    except KeyboardInterrupt:  # Ctrl-C before training started (or a second Ctrl-C)
+        print("llmopt-finetune: interrupted (nothing saved beyond earlier checkpoints)",
+              file=sys.stderr)
+        return 130
     return 0
 
 

@@ -380,8 +380,9 @@ class StopRequest:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, raise_now: bool = False):
         self.signum: int | None = None
+        self.raise_now = raise_now  # raise Interrupted in the handler: for code with no steps
         self._old: dict = {}
 
     def __enter__(self) -> "StopRequest":
@@ -393,6 +394,8 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         self.signum = signum
         self._restore()
+        if self.raise_now:
+            raise Interrupted(signum)
         print(f"\n{signal.Signals(signum).name}: stopping after this step to save the adapter, "
               "a checkpoint and results.json (send it again to abort without saving)",
               file=sys.stderr, flush=True)
@@ -647,12 +650,18 @@ def run(args) -> dict:
         t = setup_training(r)
         t.stop = stop
         r.results["train"] = train_loop(r, t)
+    if not t.interrupted and d.rank == 0:
+        try:  # a signal during the final evaluation (minutes on a real model) still saves
+            with StopRequest(raise_now=True):
+                _evaluate(r, "after")
+        except Interrupted as e:
+            t.interrupted = e.signum
+            r.results["train"]["interrupted"] = signal.Signals(e.signum).name
     if t.interrupted:
         _finish_interrupted(r, t)
         _close_distributed(d)
         raise Interrupted(t.interrupted)
     if d.rank == 0:
-        _evaluate(r, "after")
         write_outputs(r, t.history)
     _close_distributed(d)
     return r.results
