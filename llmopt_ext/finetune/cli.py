@@ -17,9 +17,8 @@ that holds a previous run is refused unless --overwrite is given or the run resu
 directory's own checkpoint.
 
 Ctrl-C (SIGINT) or SIGTERM during training (or the evaluation after it): the current step
-finishes, then the adapter,
-checkpoint/ and a results.json marked "interrupted" are saved and the exit code is 130 / 143;
-continue with --resume DIR/checkpoint. Bad input (options, data, model, checkpoint) exits with
+finishes, then the adapter, checkpoint/ and a results.json marked "interrupted" are saved and
+the exit code is 130 / 143; continue with --resume DIR/checkpoint. Bad input (options, data, model, checkpoint) exits with
 code 2 and one line ``llmopt-finetune: error: ...``.
 
 --resume: the checkpoint must have been written with the same options, except --max-steps
