@@ -12,7 +12,21 @@ reports eval loss and exact-match accuracy before and after.
 
 Outputs in --output-dir: ``adapter/`` (peft format: ``PeftModel.from_pretrained(base, dir)``),
 ``results.json``, ``loss_curve.png`` (when matplotlib is installed), ``checkpoint/`` with
---save-every (resume with --resume DIR/checkpoint), ``merged/`` with --merge.
+--save-every (resume with --resume DIR/checkpoint), ``merged/`` with --merge. An --output-dir
+that holds a previous run is refused unless --overwrite is given or the run resumes from that
+directory's own checkpoint.
+
+Ctrl-C (SIGINT) or SIGTERM during training (or the evaluation after it): the current step
+finishes, then the adapter, checkpoint/ and a results.json marked "interrupted" are saved and
+the exit code is 130 / 143; continue with --resume DIR/checkpoint. Bad input (options, data, model, checkpoint) exits with
+code 2 and one line ``llmopt-finetune: error: ...``.
+
+--resume: the checkpoint must have been written with the same options, except --max-steps
+(the cosine schedule is re-laid over the new total), --save-every, --output-dir, --overwrite,
+--device, --threads, --no-progress, --ddp-timeout and the evaluation / output options
+(--no-eval, --em-samples, --max-new-tokens, --generate, --generate-input, --merge); any other
+difference (e.g. --lr, LoRA rank, data, batch size, seed, precision) is refused, naming both
+values.
 """
 from __future__ import annotations
 
@@ -20,7 +34,7 @@ import argparse
 import sys
 
 from .data import DataError, TEMPLATES
-from .train import OPTIMIZERS, UsageError
+from .train import OPTIMIZERS, Interrupted, UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     g.add_argument("--save-every", type=int, default=0, help="write <output-dir>/checkpoint every N steps")
-    g.add_argument("--resume", default=None, help="checkpoint directory to resume from")
+    g.add_argument("--resume", default=None, help="checkpoint directory to resume from (which "
+                   "options may change on resume: see above)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="allow an --output-dir that holds a previous run (its files are replaced)")
+    g.add_argument("--ddp-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="torchrun: a collective waiting longer than this for another rank fails "
+                   "the job, naming the rank (default 600; gloo's own default is 30 minutes)")
     g.add_argument("--no-eval", dest="eval", action="store_false", default=True)
     g.add_argument("--em-samples", type=int, default=200, help="eval examples for exact match")
     g.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens for exact match")
@@ -100,6 +120,12 @@ def main(argv=None) -> int:
     except (DataError, UsageError) as e:
         print(f"llmopt-finetune: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # the run saved what it had: 128 + signal, as a shell reports it
+        return 128 + e.signum
+    except KeyboardInterrupt:  # Ctrl-C before training started (or a second Ctrl-C)
+        print("llmopt-finetune: interrupted (nothing saved beyond earlier checkpoints)",
+              file=sys.stderr)
+        return 130
     return 0
 
 

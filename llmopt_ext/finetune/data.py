@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -128,11 +129,48 @@ def _check_record(rec, where: str) -> dict:
         if key not in rec:
             raise DataError(f"{where}: missing key {key!r} (an Alpaca record needs "
                             "'instruction', 'output' and optionally 'input')")
+    for key in ("instruction", "output"):
+        if rec[key] is None:  # str(None) would otherwise be trained on as the text "None"
+            raise DataError(f"{where}: {key!r} is null; it must be a string")
     for key in ("instruction", "input", "output"):
         if key in rec and rec[key] is not None and not isinstance(rec[key], str):
             raise DataError(f"{where}: {key!r} must be a string, got {type(rec[key]).__name__}")
     return {"instruction": rec["instruction"], "input": rec.get("input") or "",
             "output": rec["output"], "task": rec.get("task", "file")}
+
+
+def _read_text(path: str) -> str:
+    """The file as text; bytes that are not UTF-8 are a DataError naming the line (a UTF-8
+    byte-order mark is accepted)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                        f"{col}); re-save the file as UTF-8") from None
+
+
+def _element_lines(text: str) -> list[int]:
+    """The line on which each element of a top-level JSON array starts (``text`` is known to
+    be a valid JSON array), so record errors in a .json file can name a line."""
+    dec, ws = json.JSONDecoder(), re.compile(r"[ \t\n\r]*")
+    i = ws.match(text, text.index("[") + 1).end()
+    lines, line, counted = [], 1, 0
+    while text[i] != "]":
+        line += text.count("\n", counted, i)
+        counted = i
+        lines.append(line)
+        _, i = dec.raw_decode(text, i)
+        i = ws.match(text, i).end()
+        if text[i] == ",":
+            i = ws.match(text, i + 1).end()
+    return lines
 
 
 def load_alpaca(path: str) -> list[dict]:
@@ -142,8 +180,7 @@ def load_alpaca(path: str) -> list[dict]:
         raise DataError(f"{path}: no such data file")
     if os.path.isdir(path):
         raise DataError(f"{path}: is a directory, expected a .json or .jsonl file")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = _read_text(path)
     records: list[dict] = []
     jsonl = path.endswith(".jsonl")
     if not jsonl:
@@ -154,13 +191,18 @@ def load_alpaca(path: str) -> list[dict]:
                 raise DataError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
             jsonl = True
         else:
+            top_list = isinstance(data, list)
             if isinstance(data, dict):
                 data = [data]
             if not isinstance(data, list):
                 raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-            records = [_check_record(r, f"{path}: record {i}") for i, r in enumerate(data)]
+            lines = _element_lines(text) if top_list and data else [1]
+            records = [_check_record(r, f"{path}:{ln}: record {i}")
+                       for i, (r, ln) in enumerate(zip(data, lines))]
     if jsonl:
-        for lineno, line in enumerate(text.splitlines(), start=1):
+        # split on "\n" only: str.splitlines also breaks at U+2028/U+0085, which JSON strings
+        # may hold raw, and would then misnumber the lines
+        for lineno, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
@@ -191,11 +233,29 @@ def encode_example(tokenizer, ex: dict, template: str, max_length: int) -> dict 
 
 
 def encode_dataset(tokenizer, records: Iterable[dict], template: str, max_length: int,
-                   what: str = "dataset") -> list[dict]:
-    out = [e for e in (encode_example(tokenizer, r, template, max_length) for r in records) if e]
+                   what: str = "dataset", stats: dict | None = None) -> list[dict]:
+    """The encoded examples; ``stats`` (when given) gets how many were ``truncated`` to
+    ``max_length`` and how many ``dropped`` (no response token left)."""
+    out, truncated, dropped = [], 0, 0
+    for r in records:
+        e = encode_example(tokenizer, r, template, max_length)
+        if e is None:
+            dropped += 1
+            continue
+        truncated += len(e["input_ids"]) == max_length and _longer_than(tokenizer, r, template,
+                                                                        max_length)
+        out.append(e)
+    if stats is not None:
+        stats.update(examples=len(out) + dropped, truncated=truncated, dropped=dropped)
     if not out:
         raise DataError(f"{what}: no example has a response token within --max-length {max_length}")
     return out
+
+
+def _longer_than(tokenizer, ex: dict, template: str, max_length: int) -> bool:
+    """Whether the untruncated example has more than ``max_length`` tokens (asked only for
+    examples exactly ``max_length`` long, so the common case tokenises once)."""
+    return len(encode_example(tokenizer, ex, template, 1 << 30)["input_ids"]) > max_length
 
 
 def pad_id(tokenizer) -> int:

@@ -18,6 +18,8 @@ import json
 import math
 import os
 import random
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -25,12 +27,12 @@ import torch
 
 from ..optim import driver
 from . import data as D
-from .checkpoint import load_checkpoint, save_checkpoint, trainable
+from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint, trainable
 from .evaluate import evaluate, greedy_generate
 from .optimizers import (OPTIMIZERS, UsageError, build_optimizer, check_optimizer_options,
                          make_scheduler, optimizer_class)
 
-__all__ = ["run", "OPTIMIZERS", "UsageError", "make_optimizer"]
+__all__ = ["run", "OPTIMIZERS", "UsageError", "Interrupted", "make_optimizer"]
 
 
 def log(msg: str, rank: int = 0) -> None:
@@ -51,15 +53,19 @@ class Dist:
         return self.world_size > 1
 
 
-def init_distributed(device_arg: str) -> Dist:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: then gloo on CPU, NCCL on CUDA."""
+def init_distributed(device_arg: str, timeout_s: float = 600.0) -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: then gloo on CPU, NCCL on CUDA. ``timeout_s``
+    (``--ddp-timeout``) bounds every collective: without it a stalled rank hangs the others for
+    gloo's default of 30 minutes."""
     ws = int(os.environ.get("WORLD_SIZE", "1"))
     if ws <= 1:
         return Dist()
+    import datetime
     import torch.distributed as dist
     use_cuda = device_arg == "cuda" or (device_arg == "auto" and torch.cuda.is_available())
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group("nccl" if use_cuda else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
@@ -90,7 +96,7 @@ def load_model(args, device: torch.device):
     if args.model and not os.path.isdir(args.model):
         raise UsageError(f"--model {args.model}: not a directory (a local Hugging Face checkpoint "
                          "with config.json and the weights is expected)")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = _load_tokenizer(AutoTokenizer, path)
     kwargs: dict = {}
     if driver.uses_hvp(optimizer_class(args.optimizer)):
         # Hessian-vector products need double backward, which SDPA's fused CPU/CUDA
@@ -110,12 +116,40 @@ def load_model(args, device: torch.device):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16 if args.precision != "fp16" else torch.float16)
         kwargs["device_map"] = {"": device.index or 0}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
+    except (OSError, ValueError, KeyError, _safetensor_error()) as e:  # not OOM / CUDA faults
+        raise UsageError(f"--model {path}: the model could not be loaded ({type(e).__name__}: "
+                         f"{_first_line(e)}); are the weights complete and config.json valid?") from None
     if not args.load_in_4bit:
         model.to(device)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "spiece.model")
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
+def _safetensor_error() -> type:
+    from safetensors import SafetensorError
+    return SafetensorError
+
+
+def _load_tokenizer(auto, path: str):
+    if not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise UsageError(f"--model {path}: no tokenizer there (none of {', '.join(TOKENIZER_FILES)}); "
+                         "save it next to the weights with tokenizer.save_pretrained(dir)")
+    try:
+        return auto.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--model {path}: the tokenizer could not be loaded ({type(e).__name__}: "
+                         f"{_first_line(e)})") from None
 
 
 def add_lora(model, args):
@@ -165,6 +199,48 @@ def resolve_options(args) -> argparse.Namespace:
     return opts
 
 
+RUN_OUTPUTS = ("results.json", "adapter", "checkpoint")
+
+
+def check_output_dir(opts) -> None:
+    """Refuses an --output-dir that holds a previous run, unless --overwrite is given or the
+    command resumes from that directory's own checkpoint."""
+    out = opts.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--output-dir {out}: exists and is not a directory")
+    found = [n for n in RUN_OUTPUTS if os.path.exists(os.path.join(out, n))]
+    if not found or opts.overwrite:
+        return
+    own = os.path.realpath(os.path.join(out, "checkpoint"))
+    if opts.resume and os.path.realpath(opts.resume) == own:
+        return
+    raise UsageError(f"--output-dir {out} holds a previous run ({', '.join(found)}); pass "
+                     f"--overwrite to replace it, --resume {os.path.join(out, 'checkpoint')} to "
+                     "continue it, or choose another --output-dir")
+
+
+# Options that may differ between a run and its resumption (listed in --help). Every other
+# option must be equal: the checkpoint's state is only meaningful for the same model, adapter,
+# data, optimizer and batch stream. --max-steps re-lays the cosine schedule over the new total.
+RESUME_MAY_CHANGE = frozenset({
+    "max_steps", "save_every", "output_dir", "resume", "overwrite", "eval", "em_samples",
+    "max_new_tokens", "generate", "generate_input", "merge", "threads", "progress", "device",
+    "ddp_timeout", "notes"})
+
+
+def run_config(opts, opt, world_size: int) -> dict:
+    """What a checkpoint must agree with: the options outside :data:`RESUME_MAY_CHANGE`,
+    with paths made absolute and the learning rate the optimizer was built with."""
+    cfg = {k: v for k, v in vars(opts).items()
+           if k not in RESUME_MAY_CHANGE and not callable(v)}
+    for k in ("model", "data"):
+        if cfg.get(k):
+            cfg[k] = os.path.abspath(cfg[k])
+    cfg["lr"] = opt.param_groups[0].get("initial_lr", opt.param_groups[0].get("lr"))
+    cfg["world_size"] = world_size
+    return cfg
+
+
 @dataclass
 class Split:
     train: list[dict]
@@ -199,6 +275,7 @@ class Run:
     train_ex: list[dict]
     eval_ex: list[dict]
     results: dict = field(default_factory=dict)
+    data_stats: dict = field(default_factory=dict)  # --max-length truncations / drops
 
     @property
     def pad(self) -> int:
@@ -207,10 +284,15 @@ class Run:
 
 def build_model(opts, dist: Dist, device: torch.device, split: Split) -> Run:
     model, tokenizer = load_model(opts, device)
+    stats: dict = {"train": {}, "eval": {}}
     train_ex = D.encode_dataset(tokenizer, split.train, opts.template, opts.max_length,
-                                what=opts.data or "embedded dataset")
+                                what=opts.data or "embedded dataset", stats=stats["train"])
     eval_ex = D.encode_dataset(tokenizer, split.eval, opts.template, opts.max_length,
-                               what="eval split") if split.eval else []
+                               what="eval split", stats=stats["eval"]) if split.eval else []
+    for part, st in stats.items():
+        if st.get("truncated") or st.get("dropped"):
+            log(f"note: --max-length {opts.max_length}: {st['truncated']} {part} examples "
+                f"truncated, {st['dropped']} dropped (no response token left)", dist.rank)
     model = add_lora(model, opts)
     n_train = sum(p.numel() for p in trainable(model).values())
     n_all = sum(p.numel() for p in model.parameters())
@@ -218,7 +300,7 @@ def build_model(opts, dist: Dist, device: torch.device, split: Split) -> Run:
         f"(LoRA r={opts.lora_r}, {'fused' if opts.fused else 'peft'} layer); "
         f"{len(train_ex)} train / {len(eval_ex)} eval examples; device {device}, "
         f"precision {opts.precision}, optimizer {opts.optimizer}", dist.rank)
-    return Run(opts, dist, device, model, tokenizer, split, train_ex, eval_ex)
+    return Run(opts, dist, device, model, tokenizer, split, train_ex, eval_ex, data_stats=stats)
 
 
 def make_optimizer(name: str, params: list, opts, total_steps: int):
@@ -283,6 +365,60 @@ def anchor_batches(r: Run) -> list[D.Batch]:
             for j in range(0, len(mine), o.batch_size)]
 
 
+class Interrupted(Exception):
+    """The run stopped on SIGINT/SIGTERM after saving; the CLI exits with 128 + signum."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopRequest:
+    """SIGINT / SIGTERM during training ask the loop to stop after the current step (which
+    then saves); a second signal gets the handler that was there before (Ctrl-C twice aborts
+    at once). Outside the main thread signals cannot be caught, so it does nothing there."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, raise_now: bool = False):
+        self.signum: int | None = None
+        self.raise_now = raise_now  # raise Interrupted in the handler: for code with no steps
+        self._old: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        self._restore()
+        if self.raise_now:
+            raise Interrupted(signum)
+        print(f"\n{signal.Signals(signum).name}: stopping after this step to save the adapter, "
+              "a checkpoint and results.json (send it again to abort without saving)",
+              file=sys.stderr, flush=True)
+
+    def _restore(self) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def agreed(self, d: Dist) -> int | None:
+        """The signal to stop on, the same on every rank (a signal reaches the ranks at
+        slightly different steps; one stopping alone would leave the others in a collective)."""
+        if not d.enabled:
+            return self.signum
+        import torch.distributed as dist
+        flag = torch.tensor([self.signum or 0], dtype=torch.long)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag) or None
+
+
 @dataclass
 class Trainer:
     opt: object
@@ -290,14 +426,19 @@ class Trainer:
     scaler: object
     stream: D.BatchStream
     stepper: Stepper
+    config: dict
     start: int = 0
     history: list = field(default_factory=list)
+    stop: StopRequest = field(default_factory=StopRequest)
+    step: int = 0          # steps done so far (where a checkpoint taken now would resume)
+    interrupted: int | None = None
 
 
 def setup_training(r: Run) -> Trainer:
     o, d = r.opts, r.dist
     params = list(trainable(r.model).values())
     opt = make_optimizer(o.optimizer, params, o, o.max_steps)
+    config = run_config(o, opt, d.world_size)  # before the scheduler rescales the lr
     sched = make_scheduler(opt, o)
     scaler = torch.amp.GradScaler(r.device.type) if o.precision == "fp16" else None
     fwd = r.model
@@ -307,22 +448,41 @@ def setup_training(r: Run) -> Trainer:
         from torch.nn.parallel import DistributedDataParallel as DDP
         fwd = DDP(r.model, device_ids=[r.device.index] if r.device.type == "cuda" else None)
     stream = D.BatchStream(r.train_ex, o.batch_size, r.pad, o.seed, d.rank, d.world_size)
-    t = Trainer(opt, sched, scaler, stream, Stepper(r, fwd, opt, scaler))
+    t = Trainer(opt, sched, scaler, stream, Stepper(r, fwd, opt, scaler), config)
     if o.resume:
-        t.start, t.history, extra = load_checkpoint(o.resume, r.model, opt, scaler, stream)
+        t.start, t.history, extra = load_checkpoint(o.resume, r.model, opt, scaler, stream,
+                                                    config=config)
+        if t.start > o.max_steps:
+            raise UsageError(f"--resume {o.resume}: the checkpoint is at step {t.start}, past "
+                             f"--max-steps {o.max_steps}; pass --max-steps {t.start} or more")
         if sched is not None and extra.get("sched"):
             sched.load_state_dict(extra["sched"])
         log(f"resumed from {o.resume} at step {t.start}", d.rank)
+    t.step = t.start
     return t
 
 
 def _checkpoint(r: Run, t: Trainer, step: int) -> None:
     save_checkpoint(os.path.join(r.opts.output_dir, "checkpoint"), r.model, t.opt, t.scaler,
-                    t.stream, step, t.history, {"sched": t.sched.state_dict() if t.sched else None})
+                    t.stream, step, t.history, {"sched": t.sched.state_dict() if t.sched else None},
+                    config=t.config)
+
+
+def _step_failed(o, d: Dist, step: int, e: Exception) -> RuntimeError:
+    """The error for a failed step: names the step, the rank under DDP, and the timeout when a
+    collective timed out (another rank stalled or died)."""
+    where = f"rank {d.rank} of {d.world_size}: " if d.enabled else ""
+    msg = f"{where}{o.optimizer} step {step + 1} failed: {type(e).__name__}: {e}"
+    low = str(e).lower()
+    if d.enabled and ("timed out" in low or "timeout" in low):
+        msg += (f"\n(no reply from another rank within --ddp-timeout {o.ddp_timeout:g} s: a "
+                "rank stalled or died; its own log says why)")
+    return RuntimeError(msg)
 
 
 def train_loop(r: Run, t: Trainer) -> dict:
-    """The steps from ``t.start`` to --max-steps; returns the run's training summary."""
+    """The steps from ``t.start`` to --max-steps (or to a SIGINT/SIGTERM, which stops after the
+    current step: ``t.interrupted``); returns the run's training summary."""
     o, d = r.opts, r.dist
     # a closure re-evaluated at trial points must be deterministic: no dropout anywhere
     r.model.train(not driver.deterministic_closure(t.opt))
@@ -333,35 +493,46 @@ def train_loop(r: Run, t: Trainer) -> dict:
                desc=f"finetune {o.optimizer}", dynamic_ncols=True)
     reset_fallback_counts()
     t0, tokens = time.perf_counter(), 0
-    done = 0
     for step in range(t.start, o.max_steps):
         if o.max_seconds and time.perf_counter() - t0 >= o.max_seconds:
-            log(f"--max-seconds {o.max_seconds:g}: stopping after {done} steps", d.rank)
+            log(f"--max-seconds {o.max_seconds:g}: stopping after {t.step - t.start} steps", d.rank)
             break
         batches = [t.stream.next().to(r.device) for _ in range(o.grad_accum)]
         try:
             loss = t.stepper(batches)
+            if t.sched is not None:
+                t.sched.step()
+            stop = t.stop.agreed(d)
         except Exception as e:  # name the step: optimizer failures are otherwise context-free
-            raise RuntimeError(f"{o.optimizer} step {step + 1} failed: {type(e).__name__}: {e}") from e
-        if t.sched is not None:
-            t.sched.step()
+            raise _step_failed(o, d, step, e) from e
         if not math.isfinite(loss):
             log(f"warning: non-finite loss {loss} at step {step}", d.rank)
         tokens += sum(b.n_tokens for b in batches) * d.world_size
         t.history.append((step + 1, loss))
-        done += 1
+        t.step = step + 1
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
         bar.update(1)
+        if stop:
+            t.interrupted = stop
+            break
         if o.save_every and (step + 1) % o.save_every == 0 and step + 1 < o.max_steps and d.rank == 0:
             _checkpoint(r, t, step + 1)
     bar.close()
     driver.set_mode(t.opt, False)  # evaluation and the saved adapter use the eval weights
-    seconds = time.perf_counter() - t0
+    return _summary(r, t, time.perf_counter() - t0, tokens, fallback_counts())
+
+
+def _summary(r: Run, t: Trainer, seconds: float, tokens: int, fallbacks: dict) -> dict:
+    o, d = r.opts, r.dist
+    done = t.step - t.start
     summary = {"steps": done, "seconds": seconds, "steps_per_s": done / max(seconds, 1e-9),
-               "tokens_per_s": tokens / max(seconds, 1e-9),
+               "tokens_per_s": tokens / max(seconds, 1e-9), "start_step": t.start,
+               "end_step": t.step, "skipped_steps": driver.skipped_steps(t.opt),
                "final_loss": t.history[-1][1] if t.history else None, "history": t.history}
+    if t.interrupted:
+        summary["interrupted"] = signal.Signals(t.interrupted).name
     if o.fused:  # forwards of the fused layer that ran peft's code instead (reason -> count)
-        summary["fused_fallbacks"] = fallback_counts()
+        summary["fused_fallbacks"] = fallbacks
     if d.enabled:  # ranks must agree: the optimizers keep parameters identical
         summary["max_rank_param_diff"] = _rank_param_diff(list(trainable(r.model).values()))
     return summary
@@ -415,8 +586,9 @@ def _evaluate(r: Run, when: str) -> None:
         + (f" {res['exact_match_by_task']}" if when == "after" else ""))
 
 
-def write_outputs(r: Run, history: list) -> None:
-    """Rank 0: adapter, tokenizer, loss curve, optional sample and merge, results.json."""
+def write_outputs(r: Run, history: list, partial: bool = False) -> None:
+    """Rank 0: adapter, tokenizer, loss curve, optional sample and merge, results.json
+    (written atomically). ``partial`` (an interrupted run): no sample and no merge."""
     o, out = r.opts, r.opts.output_dir
     os.makedirs(out, exist_ok=True)
     r.model.save_pretrained(os.path.join(out, "adapter"))
@@ -425,26 +597,49 @@ def write_outputs(r: Run, history: list) -> None:
     if note:
         r.results.setdefault("notes", []).append(note)
         log(f"note: {note}")
-    if o.generate:
+    if o.generate and not partial:
         ids = r.tokenizer(D.format_prompt({"instruction": o.generate, "input": o.generate_input},
                                           o.template), add_special_tokens=True)["input_ids"]
         gen = greedy_generate(r.model, r.tokenizer, [ids], r.device, o.max_new_tokens * 4)[0]
         r.results["generation"] = r.tokenizer.decode(gen, skip_special_tokens=True)
         log(f"--generate {o.generate!r} -> {r.results['generation']!r}")
-    if o.merge:
+    if o.merge and not partial:
         merged = r.model.merge_and_unload()
         merged.save_pretrained(os.path.join(out, "merged"))
         r.tokenizer.save_pretrained(os.path.join(out, "merged"))
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(r.results, f, indent=1, default=str)
+    atomic_write_bytes(os.path.join(out, "results.json"),
+                       json.dumps(r.results, indent=1, default=str).encode())
     log(f"saved adapter, results.json and loss curve to {out}")
+
+
+def _finish_interrupted(r: Run, t: Trainer) -> None:
+    """Rank 0 after SIGINT/SIGTERM: a checkpoint at the last finished step, the adapter and a
+    results.json marked interrupted (no evaluation: the user asked to stop)."""
+    name = signal.Signals(t.interrupted).name
+    r.results["interrupted"] = name
+    if r.dist.rank == 0:
+        _checkpoint(r, t, t.step)
+        write_outputs(r, t.history, partial=True)
+        ck = os.path.join(r.opts.output_dir, "checkpoint")
+        log(f"{name}: stopped at step {t.step} of {r.opts.max_steps}; continue with --resume {ck}")
+
+
+def _close_distributed(d: Dist) -> None:
+    if d.enabled:
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def run(args) -> dict:
     """Fine-tunes, evaluates and saves as the options say; returns the results dict (also
-    written to ``<output-dir>/results.json`` by rank 0)."""
+    written to ``<output-dir>/results.json`` by rank 0). Raises :class:`Interrupted` after
+    saving when SIGINT/SIGTERM stopped the training."""
     opts = resolve_options(args)
-    d = init_distributed(opts.device)
+    if opts.ddp_timeout <= 0:
+        raise UsageError("--ddp-timeout must be > 0 seconds")
+    check_output_dir(opts)
+    d = init_distributed(opts.device, opts.ddp_timeout)
     device = resolve_device(opts.device, d)
     if opts.threads > 0:
         torch.set_num_threads(opts.threads)
@@ -455,14 +650,24 @@ def run(args) -> dict:
     split = prepare_data(opts)  # a bad data file fails before the model loads
     r = build_model(opts, d, device, split)
     r.results["options"] = {k: v for k, v in vars(opts).items() if not callable(v)}
+    r.results["data"] = r.data_stats
     _evaluate(r, "before")
-    t = setup_training(r)
-    r.results["train"] = train_loop(r, t)
+    with StopRequest() as stop:
+        t = setup_training(r)
+        t.stop = stop
+        r.results["train"] = train_loop(r, t)
+    if not t.interrupted and d.rank == 0:
+        try:  # a signal during the final evaluation (minutes on a real model) still saves
+            with StopRequest(raise_now=True):
+                _evaluate(r, "after")
+        except Interrupted as e:
+            t.interrupted = e.signum
+            r.results["train"]["interrupted"] = signal.Signals(e.signum).name
+    if t.interrupted:
+        _finish_interrupted(r, t)
+        _close_distributed(d)
+        raise Interrupted(t.interrupted)
     if d.rank == 0:
-        _evaluate(r, "after")
         write_outputs(r, t.history)
-    if d.enabled:
-        import torch.distributed as dist
-        dist.barrier()
-        dist.destroy_process_group()
+    _close_distributed(d)
     return r.results
