@@ -11,7 +11,9 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export LLMOPT_WITH_CUDA=1
 export MAX_JOBS=${MAX_JOBS:-16}
-PYTHON=${PYTHON:-python3}
+# the Python bootstrap.sh picks ($PYTHON, the active venv, or the checkout's .venv/)
+source "$ROOT/scripts/bootstrap.sh" --venv-only
+export PYTHON
 cd "$ROOT"
 stage=${1:-all}
 status=0
@@ -27,7 +29,7 @@ trap copy_out EXIT
 
 if [ "$stage" = build ] || [ "$stage" = all ]; then
   nvidia-smi || true
-  source "$ROOT/scripts/bootstrap.sh" 2>&1 | tee /tmp/llmopt-gpu-build.log
+  bash "$ROOT/scripts/bootstrap.sh" test 2>&1 | tee /tmp/llmopt-gpu-build.log
   "$PYTHON" -c "import llmopt_ext, sys; sys.exit(0 if llmopt_ext.backends()['cuda'] else 1)" \
     || { echo "CUDA kernels did not load"; exit 1; }
 fi
