@@ -97,22 +97,14 @@ def load_model(args, device: torch.device):
         # attention kernels do not have
         kwargs["attn_implementation"] = "eager"
     if args.load_in_4bit:
-        if device.type != "cuda":
-            raise UsageError("--load-in-4bit needs a CUDA device (bitsandbytes NF4 kernels are "
-                             "CUDA only); drop the flag to train the full-precision base on "
-                             f"{device.type}")
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise UsageError("--load-in-4bit needs bitsandbytes: pip install bitsandbytes") from None
-        from transformers import BitsAndBytesConfig
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16 if args.precision != "fp16" else torch.float16)
-        kwargs["device_map"] = {"": device.index or 0}
+        from .qlora import quantization_kwargs
+        kwargs.update(quantization_kwargs(device, args.precision))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
     if not args.load_in_4bit:
         model.to(device)
+    else:
+        from .qlora import keep_trainable_layout
+        keep_trainable_layout(model)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -424,7 +416,11 @@ def write_outputs(r: Run, history: list) -> None:
         r.results["generation"] = r.tokenizer.decode(gen, skip_special_tokens=True)
         log(f"--generate {o.generate!r} -> {r.results['generation']!r}")
     if o.merge:
-        merged = r.model.merge_and_unload()
+        if o.load_in_4bit:  # a 16-bit export: merging into NF4 would re-quantize the delta away
+            from .qlora import merge_dequantized
+            merged = merge_dequantized(r.model, o.model or base_model_dir())
+        else:
+            merged = r.model.merge_and_unload()
         merged.save_pretrained(os.path.join(out, "merged"))
         r.tokenizer.save_pretrained(os.path.join(out, "merged"))
     with open(os.path.join(out, "results.json"), "w") as f:
