@@ -110,14 +110,21 @@ def load_model(args, device: torch.device):
     return model, tokenizer
 
 
-def add_lora(model, args):
-    from peft import LoraConfig, get_peft_model
+def lora_config(args):
+    """The LoraConfig the options ask for (peft's own layer; add_lora may swap in the fused one)."""
+    from peft import LoraConfig
 
     targets = [t.strip() for t in args.target_modules.split(",") if t.strip()]
     if args.target_modules == "all-linear":
         targets = "all-linear"
-    cfg = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                     use_rslora=args.rslora, target_modules=targets, task_type="CAUSAL_LM")
+    return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      use_rslora=args.rslora, target_modules=targets, task_type="CAUSAL_LM")
+
+
+def add_lora(model, args):
+    from peft import get_peft_model
+
+    cfg = lora_config(args)
     if args.load_in_4bit:
         from peft import prepare_model_for_kbit_training
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -338,6 +345,10 @@ def train_loop(r: Run, t: Trainer) -> dict:
         t.history.append((step + 1, loss))
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
         bar.update(1)
+        if step + 1 - t.start == min(3, o.max_steps - t.start):  # a time estimate from real steps
+            sps = (time.perf_counter() - t0) / (step + 1 - t.start)
+            log(f"time: {sps:.3f} s/step over the first {step + 1 - t.start} steps -> "
+                f"~{sps * (o.max_steps - t.start):.0f} s for {o.max_steps - t.start} steps", d.rank)
         if o.save_every and (step + 1) % o.save_every == 0 and step + 1 < o.max_steps and d.rank == 0:
             _checkpoint(r, t, step + 1)
     bar.close()
@@ -441,11 +452,20 @@ def run(args) -> dict:
     for note in opts.notes:
         log(f"note: {note}", d.rank)
     split = prepare_data(opts)  # a bad data file fails before the model loads
+    from . import plan as P
+    P.warm_start(opts.model or base_model_dir())
+    mem = P.PeakMemory()  # resident size before the model loads (code already imported)
     r = build_model(opts, d, device, split)
     r.results["options"] = {k: v for k, v in vars(opts).items() if not callable(v)}
     _evaluate(r, "before")
     t = setup_training(r)
+    mplan = P.memory_plan(opts, P.model_shape(opts.model or base_model_dir(), opts), P.longest(r.train_ex))
+    log(P.format_plan(mplan, short=True), d.rank)
+    mem.reset()  # the peak of training, not of loading the checkpoint
     r.results["train"] = train_loop(r, t)
+    r.results["memory"] = {"plan": mplan, "planned_bytes": mplan["modes"][mplan["chosen"]]["total"],
+                           "measured_peak_bytes": mem.peak_delta(),
+                           "measured": "VmHWM during training - VmRSS before the model loaded"}
     if d.rank == 0:
         _evaluate(r, "after")
         write_outputs(r, t.history)
