@@ -130,7 +130,8 @@ def test_cli_sophiah_4bit_embedded(tmp_path):
 def test_cli_real_model_4bit_with_merge(tmp_path, real_model_dir):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
-    out, res = _cli_4bit(tmp_path, real_model_dir, "--merge", "--no-eval", "--lr", "1e-2")
+    out, res = _cli_4bit(tmp_path, real_model_dir, "--merge", "--no-eval", "--lr", "1e-2",
+                        "--max-length", "96")
     assert res["options"]["load_in_4bit"] and len(res["train"]["history"]) == 2
     assert all(torch.isfinite(torch.tensor([h[1] for h in res["train"]["history"]])))
     with safe_open(os.path.join(out, "merged", "model.safetensors"), "pt") as f:
