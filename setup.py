@@ -116,6 +116,10 @@ setup(
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     entry_points={"console_scripts": ["llmopt-info=llmopt_ext.info:main",
-                                      "llmopt-finetune=llmopt_ext.finetune.cli:main"]},
+                                      "llmopt-finetune=llmopt_ext.finetune.cli:main",
+                                      "llmopt-serve=llmopt_ext.finetune.serve:main"]},
+    # pip install -e '.[serve]': llmopt-serve's HTTP stack (openai: the client its tests use);
+    # '.[qlora]': bitsandbytes, whose 0.50 NF4 Linear4bit runs on CPU too
+    extras_require={"serve": ["fastapi", "uvicorn", "openai"], "qlora": ["bitsandbytes==0.50.2"]},
     zip_safe=False,
 )

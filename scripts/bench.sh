@@ -4,6 +4,6 @@
 # Extra arguments go to `python -m bench.run_all` (e.g. --quick, --device cpu, --only bench_lora).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-source "$ROOT/scripts/bootstrap.sh"
+source "$ROOT/scripts/bootstrap.sh" test
 cd "$ROOT"
 LLMOPT_REQUIRE_C=1 "$PYTHON" -m bench.run_all "$@"

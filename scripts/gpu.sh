@@ -16,8 +16,10 @@
 # times out is recorded and the next one still runs (exit status 1 at the end).
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# the Python bootstrap.sh picks ($PYTHON, the active venv, or the checkout's .venv/); no
+# installs here: the GPU machine has no network
+source "$ROOT/scripts/bootstrap.sh" --venv-only
 cd "$ROOT"
-PYTHON=${PYTHON:-python3}
 mode=headline
 case "${1:-}" in
   --plan) mode=plan ;;

@@ -5,7 +5,7 @@
 # (e.g. --optimizer trcg, --model DIR --data file.jsonl; see --help).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-source "$ROOT/scripts/bootstrap.sh"
+source "$ROOT/scripts/bootstrap.sh" base
 cd "$ROOT"
 # One thread: the embedded model is 0.67M parameters, where OpenMP fork/join per op costs
 # more than it saves (measured 37 ms/step with 1 thread on this 2-core machine).

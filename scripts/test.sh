@@ -9,7 +9,7 @@
 #   4. a quick run of every benchmark, so they cannot rot.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-source "$ROOT/scripts/bootstrap.sh"
+source "$ROOT/scripts/bootstrap.sh" test
 cd "$ROOT"
 start=$(date +%s)
 

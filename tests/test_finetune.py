@@ -173,13 +173,6 @@ def test_cli_malformed_and_empty_data(tmp_path, capsys):
     assert "empty" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
-def test_cli_load_in_4bit_needs_cuda(tmp_path, capsys):
-    rc, _ = _run(tmp_path, "--load-in-4bit", "--max-steps", "1")
-    assert rc == 2
-    assert "--load-in-4bit needs a CUDA device" in capsys.readouterr().err
-
-
 # ------------------------------------------------------------------------------ end to end
 
 @pytest.mark.parametrize("opt", OPTIMIZERS)

@@ -109,12 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--generate-input", default="", help="the input field for --generate")
     g.add_argument("--merge", action="store_true", help="also save merged full weights")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=True)
+    from .plan import add_cli_flag
+    add_cli_flag(g)
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.plan:
+            from .plan import plan_main
+            return plan_main(args)
         from .train import run
         run(args)
     except (DataError, UsageError) as e:

@@ -103,19 +103,8 @@ def load_model(args, device: torch.device):
         # attention kernels do not have
         kwargs["attn_implementation"] = "eager"
     if args.load_in_4bit:
-        if device.type != "cuda":
-            raise UsageError("--load-in-4bit needs a CUDA device (bitsandbytes NF4 kernels are "
-                             "CUDA only); drop the flag to train the full-precision base on "
-                             f"{device.type}")
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise UsageError("--load-in-4bit needs bitsandbytes: pip install bitsandbytes") from None
-        from transformers import BitsAndBytesConfig
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16 if args.precision != "fp16" else torch.float16)
-        kwargs["device_map"] = {"": device.index or 0}
+        from .qlora import quantization_kwargs
+        kwargs.update(quantization_kwargs(device, args.precision))
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
     except (OSError, ValueError, KeyError, _safetensor_error()) as e:  # not OOM / CUDA faults
@@ -123,6 +112,9 @@ def load_model(args, device: torch.device):
                          f"{_first_line(e)}); are the weights complete and config.json valid?") from None
     if not args.load_in_4bit:
         model.to(device)
+    else:
+        from .qlora import keep_trainable_layout
+        keep_trainable_layout(model)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -152,14 +144,21 @@ def _load_tokenizer(auto, path: str):
                          f"{_first_line(e)})") from None
 
 
-def add_lora(model, args):
-    from peft import LoraConfig, get_peft_model
+def lora_config(args):
+    """The LoraConfig the options ask for (peft's own layer; add_lora may swap in the fused one)."""
+    from peft import LoraConfig
 
     targets = [t.strip() for t in args.target_modules.split(",") if t.strip()]
     if args.target_modules == "all-linear":
         targets = "all-linear"
-    cfg = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                     use_rslora=args.rslora, target_modules=targets, task_type="CAUSAL_LM")
+    return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      use_rslora=args.rslora, target_modules=targets, task_type="CAUSAL_LM")
+
+
+def add_lora(model, args):
+    from peft import get_peft_model
+
+    cfg = lora_config(args)
     if args.load_in_4bit:
         from peft import prepare_model_for_kbit_training
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -512,6 +511,10 @@ def train_loop(r: Run, t: Trainer) -> dict:
         t.step = step + 1
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
         bar.update(1)
+        if step + 1 - t.start == min(3, o.max_steps - t.start):  # a time estimate from real steps
+            sps = (time.perf_counter() - t0) / (step + 1 - t.start)
+            log(f"time: {sps:.3f} s/step over the first {step + 1 - t.start} steps -> "
+                f"~{sps * (o.max_steps - t.start):.0f} s for {o.max_steps - t.start} steps", d.rank)
         if stop:
             t.interrupted = stop
             break
@@ -604,7 +607,11 @@ def write_outputs(r: Run, history: list, partial: bool = False) -> None:
         r.results["generation"] = r.tokenizer.decode(gen, skip_special_tokens=True)
         log(f"--generate {o.generate!r} -> {r.results['generation']!r}")
     if o.merge and not partial:
-        merged = r.model.merge_and_unload()
+        if o.load_in_4bit:  # a 16-bit export: merging into NF4 would re-quantize the delta away
+            from .qlora import merge_dequantized
+            merged = merge_dequantized(r.model, o.model or base_model_dir())
+        else:
+            merged = r.model.merge_and_unload()
         merged.save_pretrained(os.path.join(out, "merged"))
         r.tokenizer.save_pretrained(os.path.join(out, "merged"))
     atomic_write_bytes(os.path.join(out, "results.json"),
@@ -648,6 +655,9 @@ def run(args) -> dict:
     for note in opts.notes:
         log(f"note: {note}", d.rank)
     split = prepare_data(opts)  # a bad data file fails before the model loads
+    from . import plan as P
+    P.warm_start(opts.model or base_model_dir())
+    mem = P.PeakMemory()  # resident size before the model loads (code already imported)
     r = build_model(opts, d, device, split)
     r.results["options"] = {k: v for k, v in vars(opts).items() if not callable(v)}
     r.results["data"] = r.data_stats
@@ -655,7 +665,14 @@ def run(args) -> dict:
     with StopRequest() as stop:
         t = setup_training(r)
         t.stop = stop
+        mplan = P.memory_plan(opts, P.model_shape(opts.model or base_model_dir(), opts),
+                              P.longest(r.train_ex))
+        log(P.format_plan(mplan, short=True), d.rank)
+        mem.reset()  # the peak of training, not of loading the checkpoint
         r.results["train"] = train_loop(r, t)
+    r.results["memory"] = {"plan": mplan, "planned_bytes": mplan["modes"][mplan["chosen"]]["total"],
+                           "measured_peak_bytes": mem.peak_delta(),
+                           "measured": "VmHWM during training - VmRSS before the model loaded"}
     if not t.interrupted and d.rank == 0:
         try:  # a signal during the final evaluation (minutes on a real model) still saves
             with StopRequest(raise_now=True):

@@ -1,0 +1,294 @@
+"""A memory and time plan for a fine-tuning run (``llmopt-finetune --plan``; a short version is
+printed at the start of every run, and results.json gets the plan beside the measured peak).
+
+Bytes, per mode (LoRA on the fp32 base, QLoRA on an NF4 base, full fine-tuning):
+
+* frozen weights: the base's parameters in their storage (fp32; NF4 for QLoRA's linear layers:
+  4 bits + double-quantized absmax, 8 bits per 64-weight block + fp32 per 256 blocks);
+* trainable parameters, their gradients (same dtype), and the optimizer state: bytes per
+  trainable element probed from the optimizer class itself (:func:`state_bytes`: one
+  :func:`llmopt_ext.optim.drive_step` on a small tensor, state tensors counted), no table;
+* activations: what a decoder layer saves for backward (:func:`activation_bytes`), x2 for
+  optimizers that take Hessian-vector products (``uses_hvp``: the double backward keeps the
+  first backward's graph), plus the logits' loss tensors and, under bf16/fp16 autocast, the
+  cast copies of the linear weights that backward keeps.
+
+Time: seconds per step measured over a few steps (``--plan`` runs them; a run logs it after its
+first steps).
+
+The measured side (:class:`PeakMemory`) is the process's resident peak (``VmHWM`` in
+/proc/self/status; tracemalloc does not see torch's allocations) during training, counted from
+the resident size before the model loaded.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..optim import driver
+
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # per weight: nibble + uint8 absmax/64 + fp32 per 256 blocks
+PROBE_SHAPE = (256, 256)
+EXACT_PROBE_MAX = 1 << 20  # trainable tensors up to this size are probed at their own shape
+
+
+# --------------------------------------------------------------------------- optimizer state
+
+def _probe_state_bytes(name: str, opts, shape: tuple[int, ...]) -> int:
+    """Bytes of optimizer state for one fp32 parameter of ``shape`` after one step."""
+    from .optimizers import build_optimizer
+    g = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(shape, generator=g) * 0.1)
+    rows = shape[-1] if len(shape) > 1 else shape[0]
+    x = torch.randn(8, rows, generator=g)
+    o = copy.copy(opts)
+    o.lr = None if driver.lr_free(_cls(name)) else (opts.lr or 1e-3)
+    opt = build_optimizer(name, [p], o, total_steps=10)
+
+    def out():
+        return x @ (p.t() if p.dim() > 1 else p.unsqueeze(1))
+
+    ctx = driver.StepContext(n_tokens=8, logits=lambda: (out().unsqueeze(0), None),
+                             full_loss=lambda: (out() ** 2).mean())
+    driver.drive_step(opt, [lambda: (out() ** 2).mean()], ctx=ctx)
+    return sum(_nbytes(v) for st in opt.state.values() for v in st.values())
+
+
+def _nbytes(v) -> int:
+    if isinstance(v, torch.Tensor):
+        return v.numel() * v.element_size()
+    if isinstance(v, (list, tuple)):
+        return sum(_nbytes(x) for x in v)
+    if isinstance(v, dict):
+        return sum(_nbytes(x) for x in v.values())
+    return 0
+
+
+def _cls(name: str) -> type:
+    from .optimizers import optimizer_class
+    return optimizer_class(name)
+
+
+def state_bytes_per_param(name: str, opts) -> float:
+    """Optimizer state bytes per trainable element, probed once on a 256x256 fp32 matrix and
+    kept as the class attribute ``state_bytes_per_param`` (a class may declare its own).
+    Exact for element-wise optimizers (AdamW: 8); an average for low-rank ones (GoLore)."""
+    cls = _cls(name)
+    v = getattr(cls, "state_bytes_per_param", None)
+    if v is None:
+        v = _probe_state_bytes(name, opts, PROBE_SHAPE) / (PROBE_SHAPE[0] * PROBE_SHAPE[1])
+        cls.state_bytes_per_param = v
+    return float(v)
+
+
+def state_bytes(name: str, opts, shapes: dict[tuple, int]) -> float:
+    """State bytes for trainable tensors {shape: count}: probed at each shape up to 2^20
+    elements (GoLore's projectors depend on the shape), per element above."""
+    total = 0.0
+    for shape, count in shapes.items():
+        n = 1
+        for s in shape:
+            n *= s
+        if n <= EXACT_PROBE_MAX:
+            total += count * _probe_state_bytes(name, opts, shape)
+        else:
+            total += count * n * state_bytes_per_param(name, opts)
+    return total
+
+
+# --------------------------------------------------------------------------- model shapes
+
+@dataclass
+class Shape:
+    params: int             # every parameter of the base
+    linear: int             # weights of the decoder's nn.Linear layers (quantized by QLoRA)
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    vocab: int
+    lora: dict              # LoRA tensor shape -> count
+    full: dict              # every base parameter's shape -> count
+
+
+def _shapes(tensors) -> dict:
+    out: dict = {}
+    for t in tensors:
+        out[tuple(t.shape)] = out.get(tuple(t.shape), 0) + 1
+    return out
+
+
+def model_shape(model_dir: str, opts) -> Shape:
+    """Counts from the model's config on the meta device (nothing is allocated)."""
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .train import lora_config
+    cfg = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    full = _shapes(model.parameters())
+    params = sum(p.numel() for p in model.parameters())
+    head = model.get_output_embeddings()
+    linear = sum(m.weight.numel() for m in model.modules()
+                 if isinstance(m, torch.nn.Linear) and m is not head)
+    with torch.device("meta"):
+        pm = get_peft_model(model, lora_config(opts))
+    lora = _shapes(p for n, p in pm.named_parameters() if "lora_" in n)
+    heads = getattr(cfg, "num_attention_heads", 1)
+    return Shape(params, linear, cfg.hidden_size, getattr(cfg, "intermediate_size", 4 * cfg.hidden_size),
+                 cfg.num_hidden_layers, heads, cfg.vocab_size, lora, full)
+
+
+# --------------------------------------------------------------------------- the plan
+
+def activation_bytes(s: Shape, batch: int, seq: int, elem: int, eager: bool) -> float:
+    """Bytes a Llama-style decoder saves for backward over one micro-batch: per layer 8
+    hidden-sized tensors (two RMSNorm inputs and outputs, q, k, v, the o_proj input) and 4
+    intermediate-sized ones (gate, up, SiLU(gate), the down_proj input), the attention
+    probabilities (heads x seq^2) with eager attention; then the final norm and the loss's
+    three vocab-sized fp32 tensors (log-softmax output, its gradient, the logits' gradient)."""
+    tokens = batch * seq
+    per_layer = tokens * (8 * s.hidden + 4 * s.intermediate) * elem
+    if eager:
+        per_layer += batch * s.heads * seq * seq * 4  # softmax in fp32
+    return s.layers * per_layer + tokens * (2 * s.hidden * elem + 3 * s.vocab * 4)
+
+
+def _count(shapes: dict) -> int:
+    n = 0
+    for shape, c in shapes.items():
+        k = 1
+        for d in shape:
+            k *= d
+        n += k * c
+    return n
+
+
+def memory_plan(opts, s: Shape, seq: int) -> dict:
+    """Bytes per mode ("lora", "qlora", "full") for ``opts``'s optimizer, batch and precision
+    at micro-batches of ``seq`` tokens; ``chosen`` names the run's mode."""
+    cls = _cls(opts.optimizer)
+    hvp = bool(driver.uses_hvp(cls))
+    elem = 4 if opts.precision == "fp32" else 2
+    act = activation_bytes(s, opts.batch_size, seq, elem, eager=hvp) * (2 if hvp else 1)
+    if opts.precision != "fp32":
+        act += s.linear * 2 + s.vocab * s.hidden * 2  # autocast's weight copies saved for backward
+    modes = {}
+    for mode, frozen, train in (("lora", 4 * s.params, s.lora),
+                                ("qlora", NF4_BYTES * s.linear + 4 * (s.params - s.linear), s.lora),
+                                ("full", 0, s.full)):
+        n_train = _count(train)
+        parts = {"frozen_weights": frozen, "trainable": 4 * n_train, "gradients": 4 * n_train,
+                 "optimizer_state": state_bytes(opts.optimizer, opts, train), "activations": act}
+        modes[mode] = {**{k: int(v) for k, v in parts.items()}, "total": int(sum(parts.values()))}
+    return {"chosen": "qlora" if opts.load_in_4bit else "lora", "optimizer": opts.optimizer,
+            "uses_hvp": hvp, "seq_len": seq, "batch_size": opts.batch_size,
+            "precision": opts.precision, "modes": modes}
+
+
+def _mb(b: float) -> str:
+    return f"{b / 2**20:,.1f} MiB"
+
+
+def format_plan(plan: dict, short: bool = False) -> str:
+    if short:
+        m = plan["modes"][plan["chosen"]]
+        return (f"memory plan ({plan['chosen']}, {plan['optimizer']}, batch {plan['batch_size']} x "
+                f"{plan['seq_len']} tokens): {_mb(m['total'])} = weights {_mb(m['frozen_weights'])}"
+                f" + trainable/grads/state {_mb(m['trainable'] + m['gradients'] + m['optimizer_state'])}"
+                f" + activations {_mb(m['activations'])}")
+    keys = ["frozen_weights", "trainable", "gradients", "optimizer_state", "activations", "total"]
+    lines = [f"memory plan: optimizer {plan['optimizer']} (HVP: {plan['uses_hvp']}), precision "
+             f"{plan['precision']}, micro-batch {plan['batch_size']} x {plan['seq_len']} tokens",
+             f"{'':18}" + "".join(f"{m:>14}" for m in plan["modes"])]
+    for k in keys:
+        lines.append(f"{k:18}" + "".join(f"{_mb(v[k]):>14}" for v in plan["modes"].values()))
+    if "seconds_per_step" in plan:
+        lines.append(f"time: {plan['seconds_per_step']:.3f} s/step (measured over "
+                     f"{plan['measured_steps']} steps) -> ~{plan['estimated_seconds']:.0f} s for "
+                     f"{plan['max_steps']} steps")
+    return "\n".join(lines)
+
+
+def longest(examples: list) -> int:
+    return max((len(e["input_ids"]) for e in examples), default=1)
+
+
+# --------------------------------------------------------------------------- measuring
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+class PeakMemory:
+    """Resident peak from a starting point: VmHWM - (VmRSS at construction). :meth:`reset`
+    restarts the kernel's peak (``/proc/self/clear_refs`` 5) so that transients before it
+    (loading the checkpoint's file pages) are not counted."""
+
+    def __init__(self):
+        self.available = True
+        try:
+            self.start = _status_kib("VmRSS") * 1024
+        except (OSError, KeyError):
+            self.available, self.start = False, 0
+
+    def reset(self) -> bool:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return True
+        except OSError:
+            return False
+
+    def peak_delta(self) -> int | None:
+        return _status_kib("VmHWM") * 1024 - self.start if self.available else None
+
+
+def warm_start(model_dir: str) -> None:
+    """Imports the model's classes and peft and runs one tiny backward, so that a
+    :class:`PeakMemory` started after it does not count code being loaded (276 MiB of the
+    embedded run's resident size is transformers/peft import) or autograd's one-time setup."""
+    from peft import get_peft_model  # noqa: F401
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(model_dir))]
+    lin, x = torch.nn.Linear(8, 8), torch.randn(2, 8, requires_grad=True)
+    torch.nn.functional.cross_entropy(lin(x), torch.zeros(2, dtype=torch.long)).backward()
+
+
+def plan_main(args) -> int:
+    """``--plan``: the plan for these options and a few timed steps; trains nothing else."""
+    from . import train
+    opts = train.resolve_options(args)
+    split = train.prepare_data(opts)
+    d, device = train.Dist(), train.resolve_device(opts.device, train.Dist())
+    if opts.threads > 0:
+        torch.set_num_threads(opts.threads)
+    torch.manual_seed(opts.seed)
+    r = train.build_model(opts, d, device, split)
+    plan = memory_plan(opts, model_shape(opts.model or train.base_model_dir(), opts), longest(r.train_ex))
+    t = train.setup_training(r)
+    steps = min(3, opts.max_steps)
+    t.stepper([t.stream.next().to(device) for _ in range(opts.grad_accum)])  # warm-up, not timed
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        t.stepper([t.stream.next().to(device) for _ in range(opts.grad_accum)])
+    sps = (time.perf_counter() - t0) / steps
+    plan.update(seconds_per_step=sps, measured_steps=steps, max_steps=opts.max_steps,
+                estimated_seconds=sps * opts.max_steps)
+    print(format_plan(plan), flush=True)
+    return 0
+
+
+def add_cli_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plan", action="store_true", help="print the memory and time plan "
+                        "(LoRA / QLoRA / full fine-tuning; a few timed steps) and exit")

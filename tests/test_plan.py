@@ -1,0 +1,117 @@
+"""The memory and time plan (llmopt_ext.finetune.plan): optimizer state probed from the class,
+the activation estimate against the tensors autograd really saves, --plan, and the plan beside
+the measured peak in results.json (embedded model and the real model)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llmopt_ext.finetune import data as D
+from llmopt_ext.finetune import plan as P
+from llmopt_ext.finetune import train
+from llmopt_ext.finetune.cli import build_parser, main
+from llmopt_ext.finetune.optimizers import OPTIMIZERS, optimizer_class
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--max-steps", "3", "--train-size", "64", "--eval-size", "8", "--batch-size", "8",
+        "--threads", "1", "--no-progress", "--no-eval"]
+
+
+def _opts(*argv):
+    return train.resolve_options(build_parser().parse_args(list(argv)))
+
+
+def test_adamw_state_is_two_fp32_moments(monkeypatch):
+    monkeypatch.delattr(torch.optim.AdamW, "state_bytes_per_param", raising=False)
+    v = P.state_bytes_per_param("adamw", _opts())
+    assert abs(v - 8.0) < 1e-3  # exp_avg + exp_avg_sq, plus a scalar step over 65536 elements
+    assert torch.optim.AdamW.state_bytes_per_param == v  # kept on the class
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_every_optimizer_state_is_probed(name):
+    opts = _opts("--optimizer", name)
+    per = P.state_bytes_per_param(name, opts)
+    exact = P.state_bytes(name, opts, {(8, 128): 1})
+    assert 0 <= per < 64 and 0 <= exact < 64 * 8 * 128
+    if name in ("adamw", "sophiah", "adahessian"):
+        assert per >= 8  # at least two fp32 tensors per parameter
+
+
+def _saved_bytes(model, batch) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves in one forward."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(v for k, v in seen.items() if k not in params)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sophiah"])  # sdpa and eager attention
+def test_activation_estimate_matches_saved_tensors(optimizer):
+    opts = _opts("--optimizer", optimizer, *TINY)
+    torch.manual_seed(0)
+    split = train.prepare_data(opts)
+    r = train.build_model(opts, train.Dist(), torch.device("cpu"), split)
+    ex = sorted(r.train_ex, key=lambda e: -len(e["input_ids"]))[:opts.batch_size]
+    b = D.collate(ex, r.pad)
+    saved = _saved_bytes(r.model, b)
+    est = P.activation_bytes(P.model_shape(train.base_model_dir(), opts), b.input_ids.shape[0],
+                             b.input_ids.shape[1], 4, eager=optimizer == "sophiah")
+    assert abs(est - saved) <= 0.1 * saved, (est, saved)
+
+
+def test_plan_prints_and_exits(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([*TINY, "--plan", "--output-dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    for word in ("lora", "qlora", "full", "optimizer_state", "activations", "s/step"):
+        assert word in text
+    assert not out.exists()
+
+
+def test_qlora_and_full_differ_as_expected():
+    opts = _opts()
+    s = P.model_shape(train.base_model_dir(), opts)
+    m = P.memory_plan(opts, s, 64)["modes"]
+    assert m["qlora"]["frozen_weights"] < m["lora"]["frozen_weights"] / 2
+    assert m["full"]["trainable"] == 4 * s.params and m["full"]["optimizer_state"] > 7.9 * s.params
+    hvp = P.memory_plan(_opts("--optimizer", "sophiah"), s, 64)["modes"]["lora"]["activations"]
+    assert hvp > 2 * m["lora"]["activations"]  # x2, and eager attention's probabilities
+
+
+def _run(tmp_path, *argv):
+    """A fresh process: in this one, memory earlier tests freed is still resident and would be
+    reused without raising the peak."""
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "llmopt_ext.finetune", *argv, "--output-dir", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "memory plan (lora, " in r.stdout and "s/step over the first" in r.stdout
+    with open(out / "results.json") as f:
+        mem = json.load(f)["memory"]
+    return mem["planned_bytes"], mem["measured_peak_bytes"]
+
+
+def test_embedded_run_records_plan_and_peak(tmp_path):
+    planned, measured = _run(tmp_path, *TINY)
+    print(f"embedded: plan {planned / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB")
+    # the peak includes what the plan leaves out (allocator caching, autograd's temporaries)
+    assert planned <= measured <= 3 * planned
+
+
+def test_real_model_plan_within_20_percent(tmp_path, real_model_dir):
+    planned, measured = _run(tmp_path, "--model", real_model_dir, "--max-steps", "2",
+                             "--batch-size", "2", "--max-length", "96", "--train-size", "16",
+                             "--no-eval", "--no-progress", "--threads", "2")
+    print(f"real model: plan {planned / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB")
+    assert abs(measured - planned) <= 0.2 * planned
