@@ -264,7 +264,7 @@ def test_torchrun_gloo_two_ranks(tmp_path, opt):
     assert p.returncode == 0, p.stderr[-3000:]
     r = _results(out)
     assert r["train"]["max_rank_param_diff"] == 0.0
-    assert sorted(os.listdir(out)) == sorted(["adapter", "results.json"] + (
+    assert sorted(os.listdir(out)) == sorted(["adapter", "config.yaml", "results.json"] + (
         ["loss_curve.png"] if (out / "loss_curve.png").exists() else []))
 
 

@@ -11,7 +11,8 @@ reports eval loss and exact-match accuracy before and after.
     torchrun --nproc_per_node=2 -m llmopt_ext.finetune  # DDP (gloo on CPU, NCCL on GPU)
 
 Outputs in --output-dir: ``adapter/`` (peft format: ``PeftModel.from_pretrained(base, dir)``),
-``results.json``, ``loss_curve.png`` (when matplotlib is installed), ``checkpoint/`` with
+``results.json``, ``config.yaml`` (the options: ``--config`` repeats the run),
+``loss_curve.png`` (when matplotlib is installed), ``checkpoint/`` with
 --save-every (resume with --resume DIR/checkpoint), ``merged/`` with --merge. An --output-dir
 that holds a previous run is refused unless --overwrite is given or the run resumes from that
 directory's own checkpoint.
@@ -33,7 +34,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .data import DataError, TEMPLATES
+from .config import ConfigError, config_defaults
+from .data import TEMPLATE_NAMES, DataError
 from .train import OPTIMIZERS, Interrupted, UsageError
 
 
@@ -44,9 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None, help="local Hugging Face causal-LM checkpoint "
                    "(default: the embedded base model)")
     g.add_argument("--data", default=None, help="Alpaca-style .json (a list) or .jsonl file with "
-                   "instruction / input / output (default: the embedded generated task)")
-    g.add_argument("--template", choices=sorted(TEMPLATES), default=None,
-                   help="prompt template (default: compact for the embedded model, alpaca otherwise)")
+                   "instruction / input / output, or conversational JSONL ({\"messages\": [{\"role\": "
+                   "system|user|assistant, \"content\": ...}, ...]}) (default: the embedded task)")
+    g.add_argument("--template", choices=TEMPLATE_NAMES, default=None,
+                   help="prompt format: chat (the tokenizer's chat template, loss on the assistant "
+                   "turns only), alpaca or compact (default: compact for the embedded model, chat "
+                   "for a --model whose tokenizer has a chat template, alpaca otherwise)")
     g.add_argument("--max-length", type=int, default=256, help="tokens per example (truncated)")
     g.add_argument("--train-size", type=int, default=4000, help="embedded task: training examples")
     g.add_argument("--eval-size", type=int, default=200, help="held-out examples (embedded task), "
@@ -90,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
 
     g = p.add_argument_group("run")
+    g.add_argument("--config", default=None, metavar="YAML", help="options from a YAML file "
+                   "(keys: the long option names); flags given here override it. Every run saves "
+                   "its options as <output-dir>/config.yaml")
     g.add_argument("--output-dir", default="finetune-out")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -102,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torchrun: a collective waiting longer than this for another rank fails "
                    "the job, naming the rank (default 600; gloo's own default is 30 minutes)")
     g.add_argument("--no-eval", dest="eval", action="store_false", default=True)
+    g.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="eval loss every N steps (results.json eval_history, loss curve)")
     g.add_argument("--em-samples", type=int, default=200, help="eval examples for exact match")
     g.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens for exact match")
     g.add_argument("--generate", default=None, metavar="PROMPT",
@@ -114,15 +124,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options: --config's YAML as the parser's defaults, then the command line over them."""
+    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**config_defaults(parser, known.config))
+    return parser.parse_args(argv)
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = parse_args(argv)
         if args.plan:
             from .plan import plan_main
             return plan_main(args)
         from .train import run
         run(args)
-    except (DataError, UsageError) as e:
+    except (DataError, UsageError, ConfigError) as e:
         print(f"llmopt-finetune: error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:  # the run saved what it had: 128 + signal, as a shell reports it

@@ -112,6 +112,25 @@ TEMPLATES = {
 }
 
 
+# ``chat`` is the tokenizer's own chat template (:func:`encode_chat`), not a format string
+TEMPLATE_NAMES = ("alpaca", "chat", "compact")
+
+
+def checkpoint_has_chat_template(path: str) -> bool:
+    """Whether the tokenizer saved in ``path`` has a chat template (without loading it):
+    transformers keeps it in chat_template.jinja / .json or in tokenizer_config.json."""
+    if any(os.path.exists(os.path.join(path, f)) for f in ("chat_template.jinja", "chat_template.json")):
+        return True
+    cfg = os.path.join(path, "tokenizer_config.json")
+    if not os.path.exists(cfg):
+        return False
+    with open(cfg, encoding="utf-8") as f:
+        try:
+            return bool(json.load(f).get("chat_template"))
+        except (json.JSONDecodeError, AttributeError):
+            return False
+
+
 def format_prompt(ex: dict, template: str = "alpaca") -> str:
     with_input, without_input = TEMPLATES[template]
     if ex.get("input"):
@@ -122,6 +141,8 @@ def format_prompt(ex: dict, template: str = "alpaca") -> str:
 # ------------------------------------------------------------------------------- file loading
 
 def _check_record(rec, where: str) -> dict:
+    if isinstance(rec, dict) and "messages" in rec:
+        return check_conversation(rec, where)
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected a JSON object with 'instruction' and 'output', "
                         f"got {type(rec).__name__}")
@@ -221,6 +242,9 @@ def encode_example(tokenizer, ex: dict, template: str, max_length: int) -> dict 
     """``input_ids`` = prompt (with the tokenizer's special prefix) + output + EOS;
     ``labels`` = the same with the prompt replaced by -100, so only the response is learned.
     Truncated to ``max_length``; None when no response token survives the truncation."""
+    if template == "chat":
+        return encode_chat(tokenizer, ex, max_length)
+    ex = as_alpaca(ex, template)
     prompt_ids = tokenizer(format_prompt(ex, template), add_special_tokens=True)["input_ids"]
     resp_ids = tokenizer(ex["output"], add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
@@ -327,3 +351,156 @@ class BatchStream:
     def load_state_dict(self, sd: dict) -> None:
         self.epoch, self.index = sd["epoch"], sd["index"]
         self._order = self._perm()
+
+
+# ----------------------------------------------------------------------- chat conversations
+
+ROLES = ("system", "user", "assistant")
+
+
+def check_conversation(rec: dict, where: str) -> dict:
+    """A conversational record (``{"messages": [{"role", "content"}, ...]}``, the TRL /
+    Axolotl form), checked: roles in :data:`ROLES`, string contents, at least one assistant
+    turn. Raises :class:`DataError` naming ``where`` and the message index."""
+    msgs = rec["messages"]
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{where}: 'messages' must be a non-empty list of "
+                        "{'role': ..., 'content': ...} objects")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: message {i} must be an object with 'role' and 'content', "
+                            f"got {type(m).__name__}")
+        for key in ("role", "content"):
+            if key not in m:
+                raise DataError(f"{where}: message {i} has no {key!r}")
+        if m["role"] not in ROLES:
+            raise DataError(f"{where}: message {i} has role {m['role']!r}; expected one of "
+                            f"{', '.join(ROLES)}")
+        if not isinstance(m["content"], str):
+            raise DataError(f"{where}: message {i} ({m['role']}): 'content' must be a string, "
+                            f"got {type(m['content']).__name__}")
+        out.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "assistant" for m in out):
+        raise DataError(f"{where}: no assistant turn (nothing to learn from)")
+    return {"messages": out, "task": rec.get("task", "file")}
+
+
+def to_messages(ex: dict) -> list[dict]:
+    """The conversation of a record: its messages, or for an Alpaca record one user turn
+    (instruction, then the input after a blank line) and one assistant turn."""
+    if "messages" in ex:
+        return ex["messages"]
+    user = ex["instruction"] + (f"\n\n{ex['input']}" if ex.get("input") else "")
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": ex["output"]}]
+
+
+def as_alpaca(ex: dict, template: str) -> dict:
+    """A record for the Alpaca-style templates: conversational records qualify only as one
+    user turn and one assistant turn (a system turn or more turns have no place there)."""
+    if "messages" not in ex:
+        return ex
+    roles = [m["role"] for m in ex["messages"]]
+    if roles != ["user", "assistant"]:
+        raise DataError(f"--template {template} takes single-turn conversations (user, then "
+                        f"assistant); got roles {roles}: use --template chat")
+    return {"instruction": ex["messages"][0]["content"], "input": "",
+            "output": ex["messages"][1]["content"], "task": ex.get("task", "file")}
+
+
+def reference_answer(ex: dict) -> str:
+    """What exact match compares a generation with: the output, or the last assistant turn."""
+    if "messages" in ex:
+        return [m for m in ex["messages"] if m["role"] == "assistant"][-1]["content"]
+    return ex["output"]
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _require_chat_template(tokenizer) -> None:
+    if not has_chat_template(tokenizer):
+        raise DataError("--template chat: this tokenizer has no chat template; use "
+                        "--template alpaca or compact")
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False,
+                                         add_generation_prompt=generation_prompt)
+
+
+def _assistant_tokens(tokenizer, text: str, content: str) -> tuple[list[int], list[int]]:
+    """(ids, labels) of one rendered assistant turn: the content and the template's
+    end-of-turn token are learned; what the template puts after that token (ChatML: a
+    newline) is masked, so the model learns to stop exactly at the end of turn."""
+    start = text.find(content)
+    if start < 0:  # the template rewrote the content (e.g. stripped it): learn the whole turn
+        start, content = 0, text
+    cut = start + len(content)
+    ids = tokenizer(text[:cut], add_special_tokens=False)["input_ids"]
+    tail = tokenizer(text[cut:], add_special_tokens=False)["input_ids"] if text[cut:] else []
+    special = set(tokenizer.all_special_ids)
+    eot_at = next((i for i, t in enumerate(tail) if t in special), None)
+    if eot_at is None:  # the template closes the turn with no special token: add EOS
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        return ids + tail + eos, ids + tail + eos
+    keep = tail[:eot_at + 1]
+    return ids + tail, ids + keep + [IGNORE_INDEX] * (len(tail) - len(keep))
+
+
+def encode_chat(tokenizer, ex: dict, max_length: int) -> dict | None:
+    """A conversation through the tokenizer's chat template, with labels on the assistant
+    turns only. Each turn is the difference between the rendering up to it and the rendering
+    up to the previous turn (with the generation prompt before an assistant turn), so the
+    tokens are exactly the template's, whatever it adds between turns."""
+    _require_chat_template(tokenizer)
+    msgs = to_messages(ex)
+    ids: list[int] = []
+    labels: list[int] = []
+    done = ""
+    for i, m in enumerate(msgs):
+        assistant = m["role"] == "assistant"
+        if assistant:  # the header of the turn (generation prompt) belongs to the prompt
+            head = _render(tokenizer, msgs[:i], True)
+            ids_h = _segment(tokenizer, head, done)
+            ids, labels, done = ids + ids_h, labels + [IGNORE_INDEX] * len(ids_h), head
+        upto = _render(tokenizer, msgs[:i + 1], False)
+        if assistant:
+            seg_ids, seg_labels = _assistant_tokens(tokenizer, _suffix(upto, done), m["content"])
+        else:
+            seg_ids = _segment(tokenizer, upto, done)
+            seg_labels = [IGNORE_INDEX] * len(seg_ids)
+        ids, labels, done = ids + seg_ids, labels + seg_labels, upto
+    ids, labels = ids[:max_length], labels[:max_length]
+    if all(t == IGNORE_INDEX for t in labels):
+        return None
+    prompt_len = next(i for i, t in enumerate(labels) if t != IGNORE_INDEX)
+    return {"input_ids": ids, "labels": labels, "prompt_len": prompt_len}
+
+
+def _suffix(text: str, prefix: str) -> str:
+    if not text.startswith(prefix):
+        raise DataError("--template chat: the tokenizer's chat template does not render a "
+                        "conversation as an extension of its shorter prefixes, so the assistant "
+                        "turns cannot be located; use --template alpaca")
+    return text[len(prefix):]
+
+
+def _segment(tokenizer, text: str, prefix: str) -> list[int]:
+    seg = _suffix(text, prefix)
+    return tokenizer(seg, add_special_tokens=False)["input_ids"] if seg else []
+
+
+def prompt_ids(tokenizer, ex: dict, template: str) -> list[int]:
+    """The token ids a model is given to generate the answer of ``ex``: the formatted prompt,
+    or with ``chat`` the conversation before the last assistant turn plus the template's
+    generation prompt."""
+    if template == "chat":
+        _require_chat_template(tokenizer)
+        msgs = to_messages(ex)
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        text = _render(tokenizer, msgs[:last], True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(format_prompt(as_alpaca(ex, template), template),
+                     add_special_tokens=True)["input_ids"]
