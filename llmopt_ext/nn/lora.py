@@ -135,7 +135,7 @@ class LoraLinear(peft_layer.Linear):
             return None, f"base_layer is a {type(self.base_layer).__name__} adapter layer"
         active = [a for a in self.active_adapters if a in self.lora_A]
         if not active:
-            return None, "0 active adapters"
+            return None, "no active adapter in this layer"  # peft runs the base layer alone
         base = self.get_base_layer()
         weight = getattr(base, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dtype not in _FUSED_DTYPES or weight.dim() != 2:
