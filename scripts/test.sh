@@ -6,24 +6,29 @@
 #   2. ctest: C++ unit tests of the torch-free CPU kernels;
 #   3. nvcc compile check of every csrc/kernels/*.cu (sm_80, sm_90a) and a syntax check of the
 #      CUDA glue against torch's headers, when nvcc exists (no GPU needed);
-#   4. a quick run of every benchmark, so they cannot rot.
+#   4. a quick run of every benchmark, so they cannot rot;
+#   5. peft's own LoRA test suite (from the sdist of the installed peft), plain and with the
+#      fused layer swapped in: fails on any test that fails only with the fused layer.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$ROOT/scripts/bootstrap.sh" test
 cd "$ROOT"
 start=$(date +%s)
 
-echo "== [1/4] pytest"
+echo "== [1/5] pytest"
 LLMOPT_REQUIRE_C=1 LLMOPT_REQUIRE_REAL_MODEL=1 "$PYTHON" -m pytest tests -q -ra
 
-echo "== [2/4] ctest (C++ kernel unit tests) and [3/4] nvcc compile check"
+echo "== [2/5] ctest (C++ kernel unit tests) and [3/5] nvcc compile check"
 cmake -S . -B build/cmake -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
 cmake --build build/cmake
 ctest --test-dir build/cmake --output-on-failure
 bash scripts/check_cuda_glue.sh
 bash scripts/gpu.sh --plan  # the GPU script parses and plans without a GPU
 
-echo "== [4/4] benchmarks, quick sizes"
+echo "== [4/5] benchmarks, quick sizes"
 LLMOPT_REQUIRE_C=1 "$PYTHON" -m bench.run_all --quick
+
+echo "== [5/5] peft's own LoRA tests, plain vs fused layer"
+PYTHON="$PYTHON" bash "$ROOT/scripts/peft_suite.sh"
 
 echo "== all tests passed in $(( $(date +%s) - start )) s"
