@@ -7,7 +7,7 @@
 // Arithmetic: every element is loaded exactly into double, each output is
 // rounded once into its storage type, and reductions accumulate in double
 // with a fixed summation order, so results do not depend on the number of
-// threads (see float_types.h).
+// threads (see csrc/common/float_types.h).
 #pragma once
 
 #include <cstdint>

@@ -86,8 +86,10 @@ struct Chunk {
   int64_t tensor, begin, len;
 };
 
-// Chunks are fixed-size (independent of the thread count) and run with a
-// static schedule; element-wise results do not depend on threading anyway.
+// Chunks are fixed-size (independent of the thread count) and taken one at a
+// time (dynamic schedule: a preempted thread on shared cores does not hold the
+// whole update back, see multi_tensor.cpp); element-wise results do not depend
+// on threading anyway.
 template <class F>
 void for_each_chunk(const OptimLists& s, F&& f) {
   std::vector<Chunk> chunks;
@@ -99,7 +101,7 @@ void for_each_chunk(const OptimLists& s, F&& f) {
       chunks.push_back({t, b, n - b < kOptimChunkElems ? n - b : kOptimChunkElems});
   }
   const int64_t nc = static_cast<int64_t>(chunks.size());
-#pragma omp parallel for schedule(static) if (total >= kOptimParallelMinElems)
+#pragma omp parallel for schedule(dynamic, 1) if (total >= kOptimParallelMinElems)
   for (int64_t i = 0; i < nc; ++i) f(chunks[i]);
 }
 

@@ -2,7 +2,7 @@
 //
 // Lists: params and grads are `count` contiguous buffers of one DType
 // (float32, bfloat16 or float16); the optimizer state lists are float32
-// buffers of the same numels. Math is float32 (optim_update_math.h); each
+// buffers of the same numels. Math is float32 (csrc/common/optim_update_math.h); each
 // stored parameter is rounded once from its float32 value.
 #pragma once
 

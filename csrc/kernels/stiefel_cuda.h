@@ -12,7 +12,7 @@ namespace llmopt_ext {
 namespace cuda {
 
 // out[i] = N(0, 1) variate i of the Philox stream (seed, offset), i < n: the
-// same numbers as cpu::philox_normal (csrc/cpu/philox.h), on device memory.
+// same numbers as cpu::philox_normal (csrc/common/philox.h), on device memory.
 cudaError_t philox_normal(uint64_t seed, uint64_t offset, int64_t n, float* out,
                           cudaStream_t stream);
 

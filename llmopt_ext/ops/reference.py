@@ -3,7 +3,7 @@
 Tests compare every backend against these functions and benchmarks report every
 backend against them. They run on any device and favour clarity over speed.
 
-Numerical contract shared by all backends (see csrc/cpu/float_types.h):
+Numerical contract shared by all backends (see csrc/common/float_types.h):
   * scalars (a, b, alpha, beta) are rounded to float32 first;
   * elements are computed in float64 (exact for products of two 16/32-bit floats) and each
     stored element is rounded ONCE from that float64 value into the tensor's dtype;
@@ -140,7 +140,7 @@ def mt_cg_direction_(
 # ---------------------------------------------------------------------------
 # fused optimizer updates (llmopt_ext/ops/optim_update.py)
 #
-# Numerical contract (csrc/cpu/optim_update_math.h): float32 math, one rounding per
+# Numerical contract (csrc/common/optim_update_math.h): float32 math, one rounding per
 # operation in the order written here, hyperparameters rounded to float32 (derived ones,
 # such as 1 - lr * weight_decay, computed in float64 first), each parameter rounded once
 # into its dtype on store. Division by a scalar is an element-wise division (torch would
@@ -342,7 +342,7 @@ def lora_unmerge_(weight, lora_A, lora_B, scaling, fan_in_fan_out: bool = False)
 
 
 # ---------------------------------------------------------------------------
-# random Stiefel matrices (llmopt_ext/ops/stiefel.py; kernels in csrc/cpu/philox.h)
+# random Stiefel matrices (llmopt_ext/ops/stiefel.py; kernels in csrc/common/philox.h)
 
 _PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57  # Philox-4x32 round multipliers
 _PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85  # Weyl key increments
