@@ -235,7 +235,7 @@ def check_output_dir(opts) -> None:
 RESUME_MAY_CHANGE = frozenset({
     "max_steps", "save_every", "output_dir", "resume", "overwrite", "eval", "em_samples",
     "max_new_tokens", "generate", "generate_input", "merge", "threads", "progress", "device",
-    "ddp_timeout", "notes"})
+    "ddp_timeout", "notes", "max_seconds", "eval_every", "config", "plan"})
 
 
 def run_config(opts, opt, world_size: int) -> dict:
