@@ -291,3 +291,40 @@ def test_in_features_zero_same_error_everywhere(b):
     with backend.use(b):
         with pytest.raises(ValueError, match=r"lora_linear: in_features is 0"):
             ops.lora_linear(x, w, None, a, bb, 1.0)
+
+
+@needs_c
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_double_backward_matches_reference(p):
+    """create_graph=True (Hessian-vector products of AdaHessian / SophiaH / TRCG): the second
+    derivative goes through the composed backward (the custom bwd op has no derivative; this
+    failed with "no autograd formula" in the CLI's sophiah run). It matches float64 autograd
+    with the same dropout mask (regenerated from the seed lora_linear draws)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 10, generator=g, dtype=torch.float64).float().requires_grad_()
+    w = torch.randn(7, 10, generator=g)
+    a = torch.randn(3, 10, generator=g).requires_grad_()
+    b = torch.randn(7, 3, generator=g).requires_grad_()
+    v = [torch.randn(3, 10, generator=g), torch.randn(7, 3, generator=g)]
+
+    torch.manual_seed(5)
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item())  # the draw lora_linear makes
+    mask = torch.ones(6, 10)
+    if p:
+        torch.ops.llmopt_ext.lora_dropout_mul_(mask, seed, p)
+    mask = mask.double()
+
+    def hvp(fn, leaves):
+        ga, gb = torch.autograd.grad(fn().square().sum(), leaves[1:], create_graph=True)
+        return torch.autograd.grad((ga * v[0]).sum() + (gb * v[1]).sum(), leaves)
+
+    def fused():
+        torch.manual_seed(5)
+        with backend.use("cpu"):
+            return ops.lora_linear(x, w, None, a, b, 0.5, dropout_p=p, training=True)
+
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, a, b)]
+    x64, a64, b64 = leaves64
+    want = hvp(lambda: x64 @ w.double().t() + 0.5 * ((x64 * mask) @ a64.t()) @ b64.t(), leaves64)
+    for got, ref in zip(hvp(fused, [x, a, b]), want):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)

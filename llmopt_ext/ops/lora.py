@@ -240,9 +240,34 @@ def _cpu_setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
+def _backward_composed(ctx, dy, x2, weight, lora_A, lora_B, scaling, seed):
+    """The backward as differentiable ATen ops, for double backward (create_graph=True: the
+    Hessian-vector products of AdaHessian / SophiaH / TRCG). Float32 products of the whole x
+    (this path is not the memory-lean one); the mask is the forward's, regenerated."""
+    s = scaling.reshape(()) if scaling is not None else ctx.scaling_f
+    xd = x2
+    mask = None
+    if seed is not None:
+        mask = torch.ones_like(x2)
+        torch.ops.llmopt_ext.lora_dropout_mul_(mask, int(seed.item()), ctx.dropout_p)
+        xd = x2 * mask
+    adt = lora_A.dtype
+    t = (xd.to(adt) @ lora_A.t()) * s
+    g = (dy.to(adt) @ lora_B) * s
+    w = weight.t() if ctx.fan_in_fan_out else weight  # (out, in)
+    low = g @ lora_A
+    dx = dy @ w + (low * mask if mask is not None else low).to(dy.dtype)
+    return dx, (g.t() @ xd.to(adt)).to(adt), (dy.to(adt).t() @ t).to(lora_B.dtype)
+
+
 def _cpu_backward(ctx, dy, _dt):
     x2, weight, lora_A, lora_B, t, scaling, seed = ctx.saved_tensors
     need = ctx.needs_input_grad
+    if torch.is_grad_enabled():  # create_graph=True: the custom bwd op has no derivative
+        dx, da, db = _backward_composed(ctx, dy, x2, weight, lora_A, lora_B, scaling, seed)
+        dbias = dy.sum(0) if ctx.has_bias and need[2] else None
+        return (dx if need[0] else None, None, dbias, da if need[3] else None, db if need[4] else None,
+                None, None, None, None, None)
     need_ab = need[3] or need[4]
     dx, da, db = lora_linear_cpu_bwd(dy, x2, weight, lora_A, lora_B, t, scaling, ctx.scaling_f, seed,
                                      ctx.dropout_p, ctx.fan_in_fan_out, need[0], need_ab)
