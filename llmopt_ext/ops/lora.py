@@ -182,7 +182,7 @@ def lora_linear_cpu_fwd(
     The low-rank term (plus bias) is computed first, rounded at its own magnitude, and the
     base GEMM accumulates onto it (addmm, beta = 1: float32 accumulator, one rounding of y).
     Adding it after the base GEMM rounded y (as before, and as peft does) costs a second
-    rounding at y's magnitude: 1.4x the bf16 error of y on 4096-feature layers."""
+    rounding at y's magnitude: 1.15-1.4x the bf16 error of y and dX (512 -> 384 layer, measured)."""
     s = _scale_value(scaling, scaling_f)
     sd, _ = _seed_value(seed)
     p = dropout_p if seed is not None else 0.0
