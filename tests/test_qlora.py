@@ -157,3 +157,30 @@ def test_missing_bitsandbytes_is_a_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     rc = main(["--load-in-4bit", "--max-steps", "1", "--output-dir", str(tmp_path / "o")])
     assert rc == 2 and "pip install bitsandbytes" in capsys.readouterr().err
+
+
+@pytest.mark.xfail(strict=True, reason="bitsandbytes' 4-bit matmul loses second-order terms: the "
+                   "NF4 model's HVP differs from the fp32 model with the same dequantized weights "
+                   "by 65-73% while loss and gradient agree to 1e-7 (measured on the embedded model)")
+def test_hvp_through_4bit_equals_hvp_of_dequantized_fp32_model():
+    from torch.autograd import grad
+    q, _ = _lora_4bit("--optimizer", "sophiah", "--target-modules", "q_proj,v_proj")
+    f = train.add_lora(train.load_model(build_parser().parse_args(
+        ["--optimizer", "sophiah", "--lora-r", "4", "--target-modules", "q_proj,v_proj"]), CPU)[0],
+        _args("--optimizer", "sophiah", "--target-modules", "q_proj,v_proj"))
+    f.load_state_dict({k: v for k, v in q.state_dict().items() if "lora_" in k}, strict=False)
+    mods = dict(f.base_model.model.named_modules())
+    with torch.no_grad():
+        for k, w in qlora.dequantized_weights(q).items():
+            k = k.replace("base_model.model.", "").replace(".base_layer", "")
+            m = mods[k]
+            (m.base_layer if hasattr(m, "base_layer") else m).weight.copy_(w)
+    batch = _batch(q.config.vocab_size)
+
+    def hvp(pm):
+        ps = [p for p in pm.parameters() if p.requires_grad]
+        gs = grad(pm(**batch).loss, ps, create_graph=True)
+        v = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(ps)]
+        return torch.cat([h.flatten() for h in grad(gs, ps, v)])
+    hq, hf = hvp(q), hvp(f)
+    assert float((hq - hf).norm() / hf.norm()) < 1e-3
