@@ -203,6 +203,7 @@ def drive_step(opt, loss_fns: Sequence[Callable[[], torch.Tensor]] | Callable[[]
     if scaler is not None and not supports_grad_scaler(opt):
         raise ValueError(f"{type(opt).__name__} cannot be stepped through a GradScaler "
                          "(use bf16 or fp32 instead of fp16)")
+    set_mode(opt, True)  # a step is taken on the training weights (Schedule-Free)
     n, kind = len(fns), step_kind(opt)
     if kind == StepKind.CLOSURE_LOSS:
         loss = opt.step(lambda: sum(f() for f in fns) / n, **step_kwargs(opt, ctx))
