@@ -9,4 +9,7 @@ source "$ROOT/scripts/bootstrap.sh" base
 cd "$ROOT"
 # One thread: the embedded model is 0.67M parameters, where OpenMP fork/join per op costs
 # more than it saves (measured 37 ms/step with 1 thread on this 2-core machine).
-LLMOPT_REQUIRE_C=1 "$PYTHON" -m llmopt_ext.finetune --threads 1 --output-dir "${OUT_DIR:-runs/main}" "$@"
+# --overwrite: the main job's own directory holds the previous main run, replaced each time
+# (llmopt-finetune refuses a directory with a previous run otherwise).
+LLMOPT_REQUIRE_C=1 "$PYTHON" -m llmopt_ext.finetune --threads 1 --output-dir "${OUT_DIR:-runs/main}" \
+  --overwrite "$@"
