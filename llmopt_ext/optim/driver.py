@@ -42,7 +42,7 @@ like AdamW):
     ``bs``; AI-SARAH: the anchor ``full_closure``).
 ``after_step(self, ctx) -> None``
     work after the step (SophiaG: its Gauss-Newton-Bartlett Hessian refresh from ``ctx.logits``).
-``train()`` / ``eval()``
+``train`` / ``eval`` methods
     optimizers that keep two sets of weights (Schedule-Free) switch them; :func:`set_mode`
     calls these around training and evaluation when an optimizer has them.
 ``skipped_steps: int``
