@@ -33,14 +33,18 @@ fi
 # what peft's test modules import at the top (its [test] extra, without the GPU/quantization parts)
 missing=$("$PYTHON" - <<'PY'
 import importlib.util
-need = {"parameterized": "parameterized", "datasets": "datasets", "diffusers": "diffusers",
-        "attr": "attrs", "scipy": "scipy", "yaml": "pyyaml", "accelerate": "accelerate"}
+need = {"parameterized": "parameterized==0.9.0", "datasets": "datasets==5.2.0",
+        "diffusers": "diffusers==0.42.1", "attr": "attrs==26.1.0", "scipy": "scipy",
+        "yaml": "pyyaml==6.0.4", "accelerate": "accelerate==1.15.0"}
 print(" ".join(pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None))
 PY
 )
 if [ -n "$missing" ]; then
   echo "[peft-suite] installing peft's test dependencies: $missing"
-  "$PYTHON" -m pip install --disable-pip-version-check -q $missing
+  constraints=$(mktemp)  # nothing may pull another torch
+  "$PYTHON" -c "import torch; print('torch==' + torch.__version__)" > "$constraints"
+  "$PYTHON" -m pip install --disable-pip-version-check -q -c "$constraints" $missing
+  rm -f "$constraints"
 fi
 
 run_pass() {  # $1 = plain | fused
