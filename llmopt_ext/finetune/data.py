@@ -1,5 +1,7 @@
-"""Data for :mod:`llmopt_ext.finetune`: the embedded instruction task, Alpaca-style file loading,
-prompt templates, tokenisation with the prompt masked out of the loss, and batching.
+"""Data for :mod:`llmopt_ext.finetune`: the embedded instruction task, Alpaca-style and
+conversational (``{"messages": [...]}``) file loading, prompt templates (Alpaca, compact, or the
+tokenizer's own chat template with the loss on the assistant turns only), tokenisation with the
+prompt masked out of the loss, and batching.
 
 The embedded task (no download) is generated deterministically from a seed. Every example has
 one correct answer, so exact-match accuracy is meaningful:
