@@ -50,10 +50,10 @@ def register_op(name: str, backends: tuple[str, ...], impls: dict[str, Impl] | N
     defaults: ``reference`` -> ``llmopt_ext.ops.reference.<name>``; ``cpu`` / ``cuda`` ->
     ``torch.ops.llmopt_ext.<name>.default`` (the dispatcher then picks the CPU or CUDA kernel
     from the tensors). ``triton`` has no default. E.g. lora_linear, whose CPU path is
-    composed ATen calls and whose Triton path is a Python module::
+    Python over its own custom ops and whose Triton path is a Python module::
 
         register_op("lora_linear", ("triton", "cpu", "reference"),
-                    {"triton": "llmopt_ext.ops.triton.lora:lora_linear", "cpu": _lora_linear_aten})
+                    {"triton": "llmopt_ext.ops.triton.lora:lora_linear", "cpu": _lora_linear_cpu})
     """
     unknown = set(backends) - set(BACKENDS)
     impls = dict(impls or {})
@@ -173,7 +173,9 @@ def implementation(op: str, backend: str) -> Callable:
         raise RuntimeError(f"{op} has no {backend} implementation (it has: {', '.join(_OPS[op])})")
     impl = _IMPLS.get((op, backend))
     if impl is not None:
-        return _load(impl)
+        if not callable(impl):  # "module:attr", imported once (torch.compile cannot trace imports)
+            impl = _IMPLS[(op, backend)] = _load(impl)
+        return impl
     if backend == "reference":
         return getattr(importlib.import_module("llmopt_ext.ops.reference"), op)
     if backend == "triton":

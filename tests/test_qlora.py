@@ -159,10 +159,9 @@ def test_missing_bitsandbytes_is_a_clear_error(tmp_path, capsys, monkeypatch):
     assert rc == 2 and "pip install bitsandbytes" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason="bitsandbytes' 4-bit matmul loses second-order terms: the "
-                   "NF4 model's HVP differs from the fp32 model with the same dequantized weights "
-                   "by 65-73% while loss and gradient agree to 1e-7 (measured on the embedded model)")
 def test_hvp_through_4bit_equals_hvp_of_dequantized_fp32_model():
+    """Second-order optimizers over a 4-bit base: the Hessian-vector product through the NF4
+    layers equals the fp32 model's with the same dequantized weights (2.8e-7 relative)."""
     from torch.autograd import grad
     q, _ = _lora_4bit("--optimizer", "sophiah", "--target-modules", "q_proj,v_proj")
     f = train.add_lora(train.load_model(build_parser().parse_args(
@@ -183,4 +182,6 @@ def test_hvp_through_4bit_equals_hvp_of_dequantized_fp32_model():
         v = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(ps)]
         return torch.cat([h.flatten() for h in grad(gs, ps, v)])
     hq, hf = hvp(q), hvp(f)
-    assert float((hq - hf).norm() / hf.norm()) < 1e-3
+    err = float((hq - hf).norm() / hf.norm())
+    print(f"hvp 4-bit vs dequantized fp32: relative difference {err:.3g}")
+    assert err < 1e-3

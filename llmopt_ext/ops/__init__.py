@@ -5,18 +5,11 @@ and calls ``torch.ops.llmopt_ext.<op>`` (CUDA or CPU C++), a Triton kernel, or t
 pure-PyTorch reference in :mod:`llmopt_ext.ops.reference`.
 """
 from .. import _extension, backend
-from . import lora as _lora
 from .lora import lora_linear, lora_merge_, lora_unmerge_
 from .multi_tensor import mt_axpby_, mt_cg_direction_, mt_cg_step_, mt_dot, mt_norm_sq
 from .optim_update import adahessian_update_, sophia_update_
 from .stiefel import orthonormalize, philox_normal_, random_stiefel
 
-# lora_linear is not in the dispatcher: its "cpu" backend is composed ATen calls and its
-# "triton" one a Python module. Declared here for backend.resolve / backend.dispatcher_keys
-# until llmopt_ext/ops/lora.py declares its implementations itself (then this is skipped).
-if ("lora_linear", "cpu") not in backend._IMPLS and hasattr(_lora, "_lora_linear_aten"):
-    backend.register_op("lora_linear", backend.ops()["lora_linear"],
-                        {"cpu": _lora._lora_linear_aten, "triton": "llmopt_ext.ops.triton.lora:lora_linear"})
 
 if _extension.loaded():
     from . import _fake

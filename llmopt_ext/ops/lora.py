@@ -33,7 +33,7 @@ from ._lora_checks import check_linear, check_merge
 
 Scalar = float | torch.Tensor
 
-backend.register_op("lora_linear", ("triton", "cpu", "reference"))
+# lora_linear: declared at the end of this module, with its implementations
 backend.register_op("lora_merge_", ("cuda", "cpu", "reference"))
 backend.register_op("lora_unmerge_", ("cuda", "cpu", "reference"))
 
@@ -338,13 +338,15 @@ def lora_linear(
     op = "lora_linear"
     x, weight, bias, amp_device = _autocast_inputs(x, weight, bias)
     check_linear(op, x, weight, bias, lora_A, lora_B, scaling, dropout_p, fan_in_fan_out)
-    chosen = backend.select(op, x.device)
+    impl = backend.resolve(op, x.device)
     args = (x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, fan_in_fan_out)
     with torch.autocast(amp_device, enabled=False) if amp_device else contextlib.nullcontext():
-        if chosen == "reference":
-            return reference.lora_linear(*args)
-        if chosen == "triton":
-            from .triton import lora as triton_lora  # noqa: PLC0415 - imports triton
+        return impl(*args)
 
-            return triton_lora.lora_linear(*args)
-        return _lora_linear_cpu(*args)
+
+# lora_linear is a Python function over the custom ops above (CPU) or the Triton kernels; its
+# implementations are declared so backend.resolve picks them like every other op's (the CPU
+# one as a function object: torch.compile traces lora_linear and cannot trace an import)
+backend.register_op("lora_linear", ("triton", "cpu", "reference"),
+                    {"cpu": _lora_linear_cpu, "triton": "llmopt_ext.ops.triton.lora:lora_linear",
+                     "reference": reference.lora_linear})
