@@ -79,3 +79,13 @@ def real_model_dir():
     root = os.environ.get("LLMOPT_FIXTURES") or os.path.join(
         os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build", "fixtures")
     return real_model.convert(root)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module (subprocess-free CLI tests: fork/join costs more than
+    it saves on the embedded model)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

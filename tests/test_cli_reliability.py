@@ -30,12 +30,7 @@ TINY = ["--train-size", "64", "--eval-size", "8", "--em-samples", "4", "--max-ne
 CK = "state.safetensors"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(out, *argv):

@@ -33,6 +33,15 @@ def check_pos(name: str, v: float) -> None:
         raise ValueError(f"Invalid {name}: {v} (expected a finite value > 0)")
 
 
+def check_adam_group(group: dict) -> None:
+    """The checks of the Adam-style hyper-parameters a group shares: lr, betas, eps, weight_decay."""
+    check_lr(group["lr"])
+    check_beta("beta1", group["betas"][0])
+    check_beta("beta2", group["betas"][1])
+    check_nonneg("eps", group["eps"])
+    check_nonneg("weight_decay", group["weight_decay"])
+
+
 def params_with_grad(opt_name: str, group: dict) -> list[torch.Tensor]:
     out = []
     for p in group["params"]:

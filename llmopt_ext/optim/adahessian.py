@@ -7,9 +7,9 @@ from typing import Callable
 import torch
 
 from ..ops import adahessian_update_
-from ._common import (GuardedOptimizer, all_reduce_mean_, amp_tensors, by_device_dtype, check_beta,
-                      check_lr, check_nonneg, combine_flags, distributed, hutchinson_diag,
-                      keep_where, params_with_grad, probe_seed)
+from ._common import (GuardedOptimizer, all_reduce_mean_, amp_tensors, by_device_dtype,
+                      check_adam_group, combine_flags, distributed, hutchinson_diag, keep_where,
+                      params_with_grad, probe_seed)
 
 
 class AdaHessian(GuardedOptimizer):
@@ -59,11 +59,7 @@ class AdaHessian(GuardedOptimizer):
         self.update_each, self.n_samples, self.seed, self.sync_grads = update_each, n_samples, seed, sync_grads
 
     def _check_group(self, group: dict) -> None:
-        check_lr(group["lr"])
-        check_beta("beta1", group["betas"][0])
-        check_beta("beta2", group["betas"][1])
-        check_nonneg("eps", group["eps"])
-        check_nonneg("weight_decay", group["weight_decay"])
+        check_adam_group(group)
         if not 0.0 < group["hessian_power"] <= 1.0:
             raise ValueError(f"Invalid hessian_power: {group['hessian_power']} (expected a value in (0, 1])")
 

@@ -32,7 +32,7 @@ from typing import Iterable
 import torch
 
 from ..ops.stiefel import SEED_LIMIT, draw_seed, random_stiefel
-from ._common import GuardedOptimizer, check_beta, check_lr, check_nonneg, check_pos, nonfinite_flag
+from ._common import GuardedOptimizer, check_adam_group, check_pos, nonfinite_flag
 
 PROJ_TYPES = ("left", "right", "std", "reverse_std")
 MOMENT_TRANSFERS = ("rotate", "reset", "keep")
@@ -217,11 +217,7 @@ class GoLoreAdamW(GuardedOptimizer):
         self.seed = self._shared_seed(seed)
 
     def _check_group(self, group: dict) -> None:
-        check_lr(group["lr"])
-        check_beta("beta1", group["betas"][0])
-        check_beta("beta2", group["betas"][1])
-        check_nonneg("eps", group["eps"])
-        check_nonneg("weight_decay", group["weight_decay"])
+        check_adam_group(group)
         check_pos("scale", group["scale"])
         if group["moment_transfer"] not in MOMENT_TRANSFERS:
             raise ValueError(f"GoLoreAdamW: moment_transfer must be one of {MOMENT_TRANSFERS}, "
