@@ -70,7 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="llmopt_ext's fused LoRA Linear (default)")
     g.add_argument("--no-fused", dest="fused", action="store_false", help="peft's own LoRA Linear")
 
-    g = p.add_argument_group("optimisation")
+    _optimisation_args(p.add_argument_group("optimisation"))
+    _run_args(p.add_argument_group("run"))
+    return p
+
+
+def _optimisation_args(g) -> None:
     g.add_argument("--optimizer", default="adamw", help=f"one of {', '.join(OPTIMIZERS)}")
     g.add_argument("--lr", type=float, default=None, help="learning rate (default per optimizer; "
                    "trcg and aisarah have none)")
@@ -94,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast dtype (fp16 uses a GradScaler)")
     g.add_argument("--seed", type=int, default=0)
 
-    g = p.add_argument_group("run")
+
+def _run_args(g) -> None:
     g.add_argument("--config", default=None, metavar="YAML", help="options from a YAML file "
                    "(keys: the long option names); flags given here override it. Every run saves "
                    "its options as <output-dir>/config.yaml")
@@ -121,7 +127,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", dest="progress", action="store_false", default=True)
     from .plan import add_cli_flag
     add_cli_flag(g)
-    return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
