@@ -317,9 +317,9 @@ else:
 
 def build_app(engine: Engine):
     """The FastAPI app over ``engine``."""
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse
     app = FastAPI(title="llmopt-serve")
     app.state.engine = engine
 
