@@ -97,8 +97,11 @@ def instrument_trcg(timers: Timers):
         saved[(obj, name)] = getattr(obj, name)
         setattr(obj, name, timers.wrap(getattr(obj, name), key))
 
-    for name in ("mt_dot", "mt_norm_sq", "mt_axpby_", "mt_cg_step_", "mt_cg_direction_"):
-        patch(trcg_mod, name, "vector_ops")
+    from llmopt_ext.optim import steihaug as steihaug_mod  # the CG loop's vector ops live there
+    for mod in (trcg_mod, steihaug_mod):
+        for name in ("mt_dot", "mt_norm_sq", "mt_axpby_", "mt_cg_step_", "mt_cg_direction_"):
+            if hasattr(mod, name):
+                patch(mod, name, "vector_ops")
     patch(trcg_mod.TRCG, "_host", "syncs")
     patch(trcg_mod.TRCG, "_preconditioner", "vector_ops")
     patch(trcg_mod.DoubleBackwardHVP, "__init__", "gradient")
