@@ -58,14 +58,18 @@ def test_base_is_4bit_and_lora_trains():
 def test_evaluation_does_not_break_later_gradients():
     """bitsandbytes repacks Linear4bit for inference on the first eval-mode no-grad forward
     (AVX512-BF16 CPUs) into a layout whose matmul has no backward; load_model turns it off."""
-    pm, _ = _lora_4bit()
+    ref, after = _grads_around_an_eval(_lora_4bit()[0])
+    assert torch.allclose(after, ref, rtol=1e-5, atol=1e-7), float((after - ref).abs().max() / ref.abs().max())
+
+
+def _grads_around_an_eval(pm):
+    """The first layer's LoRA gradient before and after one eval-mode no-grad forward."""
     batch = _batch(pm.config.vocab_size)
     ref = _first_layer_grad(pm, batch)
     pm.eval()
     with torch.no_grad():
         pm(input_ids=batch["input_ids"])
-    after = _first_layer_grad(pm, batch)
-    assert torch.allclose(after, ref, rtol=1e-5, atol=1e-7), float((after - ref).abs().max() / ref.abs().max())
+    return ref, _first_layer_grad(pm, batch)
 
 
 def test_repacking_bug_is_real_without_the_guard():
@@ -78,12 +82,7 @@ def test_repacking_bug_is_real_without_the_guard():
         pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks here")
     for m in layers:
         m.support_avx512bf16_for_cpu = True
-    batch = _batch(pm.config.vocab_size)
-    ref = _first_layer_grad(pm, batch)
-    pm.eval()
-    with torch.no_grad():
-        pm(input_ids=batch["input_ids"])
-    after = _first_layer_grad(pm, batch)
+    ref, after = _grads_around_an_eval(pm)
     rel = float((after - ref).norm() / ref.norm())
     print(f"first-layer LoRA-A gradient after an eval with repacking: relative change {rel:.3f}")
     assert rel > 0.05
