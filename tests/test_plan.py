@@ -115,3 +115,14 @@ def test_real_model_plan_within_20_percent(tmp_path, real_model_dir):
                              "--no-eval", "--no-progress", "--threads", "2")
     print(f"real model: plan {planned / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB")
     assert abs(measured - planned) <= 0.2 * planned
+
+
+def test_warm_start_leaves_the_global_rng_alone():
+    """The memory plan's warm-up must not move the run's RNG (it set the LoRA init apart from a
+    run without it: a 12-step AdamW loss history changed from step 2 on)."""
+    from llmopt_ext.finetune import plan as P
+    from llmopt_ext.finetune.pretrain import BASE_DIR
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    P.warm_start(BASE_DIR)
+    assert torch.equal(torch.get_rng_state(), before)

@@ -261,8 +261,11 @@ def warm_start(model_dir: str) -> None:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
     MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(model_dir))]
-    lin, x = torch.nn.Linear(8, 8), torch.randn(2, 8, requires_grad=True)
-    torch.nn.functional.cross_entropy(lin(x), torch.zeros(2, dtype=torch.long)).backward()
+    # its own RNG stream: drawing from the global one after the run's seed would shift the
+    # LoRA initialisation and so every trajectory
+    with torch.random.fork_rng(devices=[]):
+        lin, x = torch.nn.Linear(8, 8), torch.randn(2, 8, requires_grad=True)
+        torch.nn.functional.cross_entropy(lin(x), torch.zeros(2, dtype=torch.long)).backward()
 
 
 def plan_main(args) -> int:
