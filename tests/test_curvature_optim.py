@@ -300,7 +300,7 @@ def test_state_dict_resume_is_identical(kind):
         path = os.path.join(d, "ckpt.pt")
         torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
         _train(kind, model, opt, 3, 4, x, y)
-        ckpt = torch.load(path, weights_only=False)
+        ckpt = torch.load(path, weights_only=True)
     resumed = mlp(seed=123)
     resumed.load_state_dict(ckpt["model"])
     opt2 = MAKERS[kind](resumed.parameters())

@@ -231,7 +231,7 @@ def test_state_dict_resume_identical(dtype, transfer):
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
     full = train(model, opt, data[5:])
     buf.seek(0)
-    saved = torch.load(buf, weights_only=False)
+    saved = torch.load(buf, weights_only=True)
     model2 = mlp(seed=99, dtype=dtype)
     model2.load_state_dict(saved["model"])
     opt2 = GoLoreAdamW(model2.parameters(), **{**kw, "seed": 0})  # seed restored from the state

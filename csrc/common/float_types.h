@@ -1,6 +1,6 @@
 // Storage types for the CPU kernels: float32, bfloat16 and float16 as raw bits.
 //
-// Torch-free on purpose (see ARCHITECTURE.md): the kernel library builds and is
+// Torch-free on purpose: the kernel library builds and is
 // unit-tested by CMake alone. Every kernel loads storage into double, computes
 // in double, and rounds ONCE into the storage type:
 //   - products of two float32 values are exact in double (24 + 24 < 53 bits),
