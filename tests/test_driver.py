@@ -34,6 +34,7 @@ BUILDERS = {
     "OASIS": lambda p: O.OASIS(p, lr=1e-2),
     "AISARAH": lambda p: O.AISARAH(p),
     "TRCG": lambda p: O.TRCG(p, max_cg_iters=3),
+    "HyperAdamW": lambda p: O.HyperAdamW(p),
 }
 
 
@@ -118,7 +119,7 @@ def test_sophiag_refresh_generator_survives_state_dict():
 
 def test_front_ends_hold_no_per_optimizer_code():
     """The CLI loop and LlmoptTrainer read the contract, never an optimizer's name or type."""
-    names = r"\b(TRCG|SophiaG|SophiaH|AdaHessian|OASIS|AISARAH|GoLoreAdamW)\b"
+    names = r"\b(TRCG|SophiaG|SophiaH|AdaHessian|OASIS|AISARAH|GoLoreAdamW|HyperAdamW)\b"
     for rel in ("llmopt_ext/finetune/train.py", "llmopt_ext/finetune/hf.py"):
         code = "\n".join(l for l in (ROOT / rel).read_text().splitlines()
                          if not l.lstrip().startswith(("#", "``", "*")))

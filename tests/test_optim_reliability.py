@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmopt_ext.optim import AISARAH, OASIS, TRCG, AdaHessian, GoLoreAdamW, SophiaG, SophiaH
+from llmopt_ext.optim import (AISARAH, OASIS, TRCG, AdaHessian, GoLoreAdamW, HyperAdamW, SophiaG,
+                              SophiaH)
 from llmopt_ext.optim.driver import skipped_steps
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -36,6 +37,7 @@ MAKERS = {
     "aisarah": lambda ps: AISARAH(ps, max_inner=3),
     "golore": lambda ps: GoLoreAdamW(ps, lr=1e-2, rank=2, update_proj_gap=2, seed=0),
     "trcg": lambda ps: TRCG(ps, radius=0.5, preconditioner="abs_grad_ema"),
+    "hyperadamw": lambda ps: HyperAdamW(ps, weight_decay=0.01),
 }
 HVP_KINDS = ["sophiah", "adahessian", "oasis", "aisarah", "trcg"]
 
@@ -66,7 +68,7 @@ def do_step(kind, model, opt, x, y, t, poison=None):
         model.zero_grad(set_to_none=True)
         _loss(model, x, y, poison).backward(create_graph=True)
         opt.step()
-    elif kind == "golore":
+    elif kind in ("golore", "hyperadamw"):
         model.zero_grad(set_to_none=True)
         _loss(model, x, y, poison).backward()
         opt.step()
@@ -138,7 +140,7 @@ def test_nonfinite_step_is_skipped_counted_and_training_goes_on(kind, poison):
     assert any(not torch.equal(a, b) for a, b in zip(before_p, model.parameters()))
 
 
-@pytest.mark.parametrize("kind", ["oasis", "aisarah", "golore", "trcg"])
+@pytest.mark.parametrize("kind", ["oasis", "aisarah", "golore", "trcg", "hyperadamw"])
 def test_skipped_step_leaves_the_trajectory_of_a_run_without_it(kind):
     """Optimizers whose step reads its state on the host skip a non-finite step completely:
     the run continues exactly as if that step had never been taken."""

@@ -39,6 +39,9 @@ def _entries() -> dict[str, Entry]:
     return {
         "adamw": Entry(lambda: torch.optim.AdamW,
                        lambda c, p, lr, o, t: c(p, lr=lr, weight_decay=o.weight_decay), 2e-3),
+        # no learning rate: AdamW's direction, the step size learned by its hypergradient
+        "hyperadamw": Entry(lambda: O.HyperAdamW,
+                            lambda c, p, lr, o, t: c(p, weight_decay=o.weight_decay)),
         # GoLore on the LoRA matrices, rank r/2 so both A (r x in) and B (out x r) are projected
         "golore": Entry(lambda: O.GoLoreAdamW, lambda c, p, lr, o, t: c(
             p, lr=lr, weight_decay=o.weight_decay, rank=max(1, o.lora_r // 2),

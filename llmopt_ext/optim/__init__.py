@@ -9,6 +9,7 @@ and of any plain ``torch.optim.Optimizer``.
 from .adahessian import AdaHessian
 from .aisarah import AISARAH
 from .driver import StepContext, StepKind, drive_step
+from .hyperadam import HyperAdamW
 from .lora_refresh import lora_full_grads, relora_refresh
 from .oasis import OASIS
 from .sophia import SophiaG, SophiaH, gnb_loss
@@ -17,6 +18,6 @@ from .trcg import TRCG
 
 __all__ = [
     "TRCG", "drive_step", "StepContext", "StepKind",
-    "SophiaG", "SophiaH", "gnb_loss", "AdaHessian", "OASIS", "AISARAH",
+    "HyperAdamW", "SophiaG", "SophiaH", "gnb_loss", "AdaHessian", "OASIS", "AISARAH",
     "SubspaceProjector", "GoLoreAdamW", "relora_refresh", "lora_full_grads",
 ]
