@@ -7,9 +7,20 @@
    driven through the same plain-backward path as AdamW) and every project optimizer at its
    defaults, for two seeds: final eval loss, exact match, steps/s; at equal steps AND at equal
    wall-clock (each non-AdamW run stopped at the best AdamW run's training time,
-   ``--max-seconds``).
+   ``--max-seconds``);
+3. ``finetune_optimizers_real`` (only with ``LLMOPT_BENCH_REAL=1``; needs the real-model
+   fixture, ``python -m llmopt_ext.finetune.real_model``): the same comparison on
+   SmolLM2-135M-Instruct fine-tuned on the embedded task's examples in its chat template, at a
+   size a 2-core CPU runs in well under an hour: 400 training / 32 held-out examples,
+   sequences <= 64 tokens, batch 4, 40 steps, LoRA r=8 on all 7 projections.
 
     python -m bench.bench_finetune [--quick] [--device cuda]
+    LLMOPT_BENCH_REAL=1 LLMOPT_BENCH_ONLY=real python -m bench.bench_finetune
+
+``LLMOPT_BENCH_ONLY`` = ``layer``, ``embedded`` or ``real`` runs one part;
+``LLMOPT_BENCH_OPTIMIZERS`` (comma-separated CLI names) restricts the non-AdamW rows;
+``LLMOPT_BENCH_SEEDS`` (comma-separated) the seeds (then the result is named per seed, so
+one process per seed can run side by side).
 
 Wall-clock timing of whole runs is valid here: the loop reads the loss to the host every step
 (one synchronisation per step), so no launch is left in flight when the clock stops.
@@ -28,7 +39,7 @@ from .harness import Results
 
 ADAMW_SWEEP = (5e-4, 1e-3, 2e-3, 5e-3, 1e-2)
 PEERS = ("schedulefree", "prodigy", "dadapt_adam")
-OTHERS = ("golore", "sophiag", "sophiah", "adahessian", "oasis", "aisarah", "trcg")
+OTHERS = ("hyperadamw", "golore", "sophiag", "sophiah", "adahessian", "oasis", "aisarah", "trcg")
 SEEDS = (0, 1)
 
 
@@ -61,6 +72,11 @@ def _smooth(values, window: int = 10) -> list[float]:
     return out
 
 
+def _part(name: str) -> bool:
+    only = os.environ.get("LLMOPT_BENCH_ONLY")
+    return only is None or only == name
+
+
 def run(device: torch.device, quick: bool = False) -> list[Results]:
     steps = 10 if quick else 300
     size = ["--train-size", "400" if quick else "4000", "--eval-size", "16" if quick else "200",
@@ -74,18 +90,40 @@ def run(device: torch.device, quick: bool = False) -> list[Results]:
         res.notes.append(f"embedded 0.67M-parameter char-level Llama, LoRA r=8 on all 7 linear "
                          f"projections, AdamW, {steps} steps, fp32")
         rows = {}
-        for name, flag in (("peft", "--no-fused"), ("fused", "--fused")):
+        for name, flag in (("peft", "--no-fused"), ("fused", "--fused")) if _part("layer") else ():
             r = _finetune(device, os.path.join(tmp, name), [*size, "--no-eval", flag])
             rows[name] = r["train"]
         for name, t in rows.items():
             res.add(layer=name, steps_per_s=t["steps_per_s"], tokens_per_s=t["tokens_per_s"],
                     vs_peft=t["steps_per_s"] / rows["peft"]["steps_per_s"])
-        res.plot(["vs_peft"], label=["layer"], title="Fine-tuning steps/s relative to peft's LoRA Linear")
-        out.append(res)
+        if rows:
+            res.plot(["vs_peft"], label=["layer"],
+                     title="Fine-tuning steps/s relative to peft's LoRA Linear")
+            out.append(res)
 
-        # 2) optimizers
-        out.append(_optimizers(device, tmp, size, steps, quick))
+        # 2) optimizers, embedded task
+        if _part("embedded"):
+            out.append(_optimizers(device, tmp, size, steps, quick))
+        # 3) optimizers, real model
+        if os.environ.get("LLMOPT_BENCH_REAL") == "1" and _part("real"):
+            out.append(_optimizers_real(device, tmp))
     return out
+
+
+REAL_SWEEP = (2e-4, 5e-4, 1e-3, 2e-3, 5e-3)  # 5e-3 and more diverge-prone on a 135M model
+
+
+def _optimizers_real(device, tmp) -> Results:
+    from llmopt_ext.finetune import real_model
+    steps = 40
+    size = ["--model", real_model.convert(), "--train-size", "400", "--eval-size", "32",
+            "--em-samples", "4", "--max-new-tokens", "8", "--batch-size", "4",
+            "--max-length", "64", "--max-steps", str(steps)]
+    return _optimizers(device, tmp, size, steps, False, sweep=REAL_SWEEP,
+                       others=PEERS + ("hyperadamw", "adahessian", "trcg"),
+                       name="finetune_optimizers_real",
+                       title="SmolLM2-135M-Instruct: AdamW (LR sweep) vs tuning-free optimizers "
+                             "at defaults")
 
 
 def _row(res, r, opt, extra, seed, budget):
@@ -96,18 +134,26 @@ def _row(res, r, opt, extra, seed, budget):
             seconds=r["train"]["seconds"])
 
 
-def _optimizers(device, tmp, size, steps, quick) -> Results:
-    res = Results("finetune_optimizers", device,
-                  title="Embedded task: AdamW (LR sweep) vs tuning-free optimizers at defaults")
+def _optimizers(device, tmp, size, steps, quick, sweep=None, others=None,
+                name="finetune_optimizers",
+                title="Embedded task: AdamW (LR sweep) vs tuning-free optimizers at defaults") -> Results:
+    seeds = SEEDS[:1] if quick else SEEDS
+    if os.environ.get("LLMOPT_BENCH_SEEDS"):
+        seeds = tuple(int(x) for x in os.environ["LLMOPT_BENCH_SEEDS"].split(","))
+        name += "_seed" + "_".join(map(str, seeds))
+    res = Results(name, device, title=title)
     res.notes.append(f"{steps} steps, batch {size[size.index('--batch-size') + 1]}, fused LoRA "
-                     f"r=8, fp32, seeds {SEEDS}; eval on held-out generated examples (greedy exact "
+                     f"r=8, fp32, seeds {seeds}; eval on held-out generated examples (greedy exact "
                      "match); budget 'steps' = all steps, 'time' = stopped at the best AdamW "
                      "run's training time of the same seed")
-    seeds = SEEDS[:1] if quick else SEEDS
     # quick (CI): enough to exercise every code path, not a measurement
-    sweep = ADAMW_SWEEP[2:3] if quick else ADAMW_SWEEP
-    others = [o for o in (("schedulefree", "sophiag", "trcg") if quick else PEERS + OTHERS)
-              if _available(o)]
+    sweep = sweep or (ADAMW_SWEEP[2:3] if quick else ADAMW_SWEEP)
+    others = others or (("schedulefree", "hyperadamw", "sophiag", "trcg") if quick
+                        else PEERS + OTHERS)
+    chosen = os.environ.get("LLMOPT_BENCH_OPTIMIZERS")
+    if chosen:
+        others = [o for o in others if o in chosen.split(",")]
+    others = [o for o in others if _available(o)]
     missing = [o for o in PEERS if not _available(o)]
     if missing:
         res.notes.append(f"not installed, skipped: {', '.join(missing)}")
