@@ -8,8 +8,9 @@ full fine-tuning):
   transformers, peft (520 MiB on this project's CPU machine: 296 MiB of it is importing
   transformers/peft and the model's classes). It dominates a small model's peak;
 * loaded with the model (measured): anonymous memory that loading the tokenizer, encoding the
-  data and building the model added beyond the parameters (SmolLM2-135M with the 4000-example
-  embedded task: 50 MiB; its 49k-token tokenizer and the encoded examples);
+  data and building the model added beyond the parameters (SmolLM2-135M: 43 MiB with 16
+  training examples, 50 MiB with the 4000 of the embedded task: its 49k-token tokenizer and
+  the encoded examples; the embedded model: 4 MiB);
 * frozen weights: the base's parameters in their storage (fp32; NF4 for QLoRA's linear layers:
   4 bits + double-quantized absmax, 8 bits per 64-weight block + fp32 per 256 blocks). A
   safetensors checkpoint stays memory-mapped: these pages are resident once the first forward
