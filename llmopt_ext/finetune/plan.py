@@ -27,9 +27,11 @@ full fine-tuning):
   counts the larger of activations and eval logits.
 
 What it leaves out: the allocator keeping freed memory (glibc holds the first steps' blocks;
-measured as part of the peak, not modelled), transients while the checkpoint loads (the
-measured window starts after it), and the output stage (adapter, loss curve: matplotlib adds
-~25 MiB after the measured window).
+part of the measured peak, not modelled: see :data:`HVP_FACTOR`), transients while the
+checkpoint loads (the measured window starts after it), the output stage (adapter, loss curve:
+matplotlib adds ~25 MiB after the measured window), and, for QLoRA on CPU, the fp32
+checkpoint's file pages that stay mapped and resident after quantization (SmolLM2-135M: RssFile
++514 MiB; the qlora plan is 37% under the measured peak there).
 
 Measured on CPU (2 shared cores, so indicative; 3 steps, batch 2, ``--eval-size 4
 --em-samples 2 --max-new-tokens 4``), plan vs VmHWM: see README.md ("Plan:").
@@ -62,6 +64,10 @@ EXACT_PROBE_MAX = 1 << 20  # trainable tensors up to this size are probed at the
 # the first step over the RSS before it, minus the optimizer state it allocates, over
 # activation_bytes: SophiaH 4.0x (757 of 785 MiB over 189) on SmolLM2-135M, 3.3x on the
 # embedded model; AdaHessian 3.7x on SmolLM2-135M (LoRA r=8, 2 x 51 tokens, eager attention).
+# That is resident memory, glibc's caching of freed blocks included: with a fixed mmap
+# threshold (MALLOC_MMAP_THRESHOLD_=131072, freed blocks go back at once) the SophiaH run above
+# peaks 21% under this plan, and the embedded AdaHessian run at batch 16 x 101 at 739 MiB
+# instead of 937 (the plan, 783, is then 6% over it instead of 16% under).
 HVP_FACTOR = 4.0
 EVAL_LOSS_BATCH = 32  # evaluate.eval_loss's batch size
 
