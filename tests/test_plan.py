@@ -120,10 +120,15 @@ def _report(what, planned, measured, base):
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sophiah", "adahessian"])
 def test_embedded_plan_within_20_percent(tmp_path, optimizer):
-    """The whole process's peak (interpreter and libraries included: ~520 MiB of the ~555)."""
+    """The whole process's peak (interpreter and libraries included: ~519 MiB of ~555-590).
+    So that the model's part is not lost in the baseline, the planned rise over the baseline
+    must also be 0.35-1.2x the measured rise (measured: adamw 0.42, sophiah 0.76, adahessian
+    0.57; the rest is torch's first use of its kernels and the allocator keeping freed blocks;
+    AdamW without the activations would be 0.22)."""
     planned, measured, base = _run(tmp_path, *SHORT, "--train-size", "64", "--optimizer", optimizer)
     _report(f"embedded {optimizer}", planned, measured, base)
-    assert base < planned and abs(planned / measured - 1) <= 0.20
+    assert abs(planned / measured - 1) <= 0.20
+    assert 0.35 <= (planned - base) / (measured - base) <= 1.2
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sophiah"])
