@@ -153,6 +153,21 @@ def test_parameters_in_a_mapped_checkpoint_are_not_anonymous():
     assert P.anonymous_param_bytes(copy.deepcopy(model)) >= total
 
 
+def test_mapped_checkpoint_beyond_its_parameters():
+    """What --load-in-4bit leaves resident: the checkpoint file stays mapped for the parameters
+    still in it, the replaced (quantized) ones' pages with it. Replacing the decoder's linear
+    weights by copies stands in for quantizing them."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(train.base_model_dir(), dtype=torch.float32)
+    assert P.mapped_checkpoint_extra(model) < 64 * 1024  # the header and page rounding
+    replaced = 0
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and ".layers." in name:
+            replaced += m.weight.numel() * 4
+            m.weight = torch.nn.Parameter(m.weight.detach().clone())
+    assert replaced > 0 and abs(P.mapped_checkpoint_extra(model) - replaced) < 64 * 1024
+
+
 def test_total_counts_the_larger_of_step_and_eval():
     opts = _opts()
     s = P.model_shape(train.base_model_dir(), opts)

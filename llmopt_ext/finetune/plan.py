@@ -11,6 +11,8 @@ full fine-tuning):
   data and building the model added beyond the parameters (SmolLM2-135M: 43 MiB with 16
   training examples, 50 MiB with the 4000 of the embedded task: its 49k-token tokenizer and
   the encoded examples; the embedded model: 4 MiB);
+* checkpoint mapped (measured): a memory-mapped checkpoint file beyond the parameters still in
+  it (0 for LoRA; QLoRA, below);
 * frozen weights: the base's parameters in their storage (fp32; NF4 for QLoRA's linear layers:
   4 bits + double-quantized absmax, 8 bits per 64-weight block + fp32 per 256 blocks). A
   safetensors checkpoint stays memory-mapped: these pages are resident once the first forward
@@ -29,9 +31,12 @@ full fine-tuning):
 What it leaves out: the allocator keeping freed memory (glibc holds the first steps' blocks;
 part of the measured peak, not modelled: see :data:`HVP_FACTOR`), transients while the
 checkpoint loads (the measured window starts after it), the output stage (adapter, loss curve:
-matplotlib adds ~25 MiB after the measured window), and, for QLoRA on CPU, the fp32
-checkpoint's file pages that stay mapped and resident after quantization (SmolLM2-135M: RssFile
-+514 MiB; the qlora plan is 37% under the measured peak there).
+matplotlib adds ~25 MiB after the measured window).
+
+QLoRA on CPU: the fp32 checkpoint stays mapped for the parameters left unquantized, and the
+pages quantizing read stay resident (SmolLM2-135M: RssFile +514 MiB). The plan counts the mapping
+beyond those parameters as measured (:func:`mapped_checkpoint_extra`, 405 MiB there); without
+it the QLoRA AdamW plan was 37% under the measured peak, with it 5% (1514 vs 1590 MiB).
 
 Measured on CPU (2 shared cores, so indicative; 3 steps, batch 2, ``--eval-size 4
 --em-samples 2 --max-new-tokens 4``), plan vs VmHWM: see README.md ("Plan:").
@@ -215,7 +220,7 @@ def _count(shapes: dict) -> int:
     return n
 
 
-MEASURED = ("process_baseline", "loaded_other")
+MEASURED = ("process_baseline", "loaded_other", "checkpoint_mapped")
 
 
 def memory_plan(opts, s: Shape, seq: int, measured: dict | None = None,
@@ -257,6 +262,7 @@ def _mb(b: float) -> str:
 ROWS = (  # key, what the row counts
     ("process_baseline", "measured: RSS before the model loads (python, torch, libraries)"),
     ("loaded_other", "measured: tokenizer, encoded data, model objects"),
+    ("checkpoint_mapped", "measured: mapped checkpoint beyond its parameters (4-bit)"),
     ("frozen_weights", "base parameters (fp32; NF4 linears for qlora)"),
     ("trainable", "trainable parameters (fp32)"),
     ("gradients", "their gradients"),
@@ -272,7 +278,8 @@ def format_plan(plan: dict, short: bool = False) -> str:
         m = plan["modes"][plan["chosen"]]
         return (f"memory plan ({plan['chosen']}, {plan['optimizer']}, batch {plan['batch_size']} x "
                 f"{plan['seq_len']} tokens): {_mb(m['total'])} = process {_mb(m['process_baseline'])}"
-                f" + loaded {_mb(m['loaded_other'])} + weights {_mb(m['frozen_weights'])}"
+                f" + loaded {_mb(m['loaded_other'] + m['checkpoint_mapped'])}"
+                f" + weights {_mb(m['frozen_weights'])}"
                 f" + trainable/grads/state {_mb(m['trainable'] + m['gradients'] + m['optimizer_state'])}"
                 f" + max(activations {_mb(m['activations'])}, eval {_mb(m['eval_logits'])})")
     hvp = f" x{plan.get('hvp_factor', 1.0):g} for the Hessian-vector product" if plan["uses_hvp"] else ""
@@ -321,20 +328,39 @@ def _file_mapped_ranges() -> list[tuple[int, int]]:
     return out
 
 
+def _storages(model) -> dict[int, int]:
+    """data_ptr -> bytes of ``model``'s distinct CPU parameter and buffer storages."""
+    out = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        st = t.untyped_storage()
+        if st.device.type == "cpu":
+            out[st.data_ptr()] = st.nbytes()
+    return out
+
+
 def anonymous_param_bytes(model) -> int:
     """Bytes of ``model``'s parameters and buffers that live in anonymous memory (not in a
     memory-mapped checkpoint file)."""
     ranges = _file_mapped_ranges()
-    seen, total = set(), 0
-    for t in [*model.parameters(), *model.buffers()]:
-        st = t.untyped_storage()
-        ptr = st.data_ptr()
-        if ptr in seen or st.device.type != "cpu":
-            continue
-        seen.add(ptr)
-        if not any(lo <= ptr < hi for lo, hi in ranges):
-            total += st.nbytes()
-    return total
+    return sum(n for ptr, n in _storages(model).items()
+               if not any(lo <= ptr < hi for lo, hi in ranges))
+
+
+def mapped_checkpoint_extra(model) -> int:
+    """Bytes of the file mappings that hold some of ``model``'s parameters, beyond those
+    parameters: 0 for a LoRA run on an fp32 safetensors checkpoint (the mapping is the
+    weights); with --load-in-4bit the fp32 checkpoint stays mapped for the parameters left
+    unquantized (embeddings, norms), and the pages that quantizing read stay resident
+    (SmolLM2-135M: RssFile +514 MiB measured)."""
+    ranges = _file_mapped_ranges()
+    held, in_files = set(), 0
+    for ptr, n in _storages(model).items():
+        for r in ranges:
+            if r[0] <= ptr < r[1]:
+                held.add(r)
+                in_files += n
+                break
+    return max(0, sum(hi - lo for lo, hi in held) - in_files)
 
 
 class PeakMemory:
@@ -350,7 +376,7 @@ class PeakMemory:
             self.start_anon = _status_kib("RssAnon") * 1024
         except (OSError, KeyError):
             self.available, self.start, self.start_anon = False, 0, 0
-        self.loaded = 0
+        self.loaded = self.mapped = 0
 
     def after_load(self, model) -> None:
         """Records the anonymous memory loading added, less the parameters' own (counted by
@@ -358,9 +384,11 @@ class PeakMemory:
         if self.available:
             grown = _status_kib("RssAnon") * 1024 - self.start_anon
             self.loaded = max(0, grown - anonymous_param_bytes(model))
+            self.mapped = mapped_checkpoint_extra(model)
 
     def measured_parts(self) -> dict:
-        return {"process_baseline": self.start, "loaded_other": self.loaded}
+        return {"process_baseline": self.start, "loaded_other": self.loaded,
+                "checkpoint_mapped": self.mapped}
 
     def reset(self) -> bool:
         try:
