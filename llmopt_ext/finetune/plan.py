@@ -377,6 +377,7 @@ class PeakMemory:
         except (OSError, KeyError):
             self.available, self.start, self.start_anon = False, 0, 0
         self.loaded = self.mapped = 0
+        self.window = "from the process's start"
 
     def after_load(self, model) -> None:
         """Records the anonymous memory loading added, less the parameters' own (counted by
@@ -394,8 +395,10 @@ class PeakMemory:
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
+            self.window = "from the end of model loading"
             return True
-        except OSError:
+        except OSError:  # the peak then counts from the process's start (loading included)
+            self.window = "from the process's start (clear_refs not writable)"
             return False
 
     def peak(self) -> int | None:

@@ -672,8 +672,8 @@ def _record_memory(r: Run, mplan: dict, mem) -> None:
     planned, peak = mplan["modes"][mplan["chosen"]]["total"], mem.peak()
     r.results["memory"] = {
         "plan": mplan, "planned_bytes": planned, "measured_peak_bytes": peak,
-        "measured": "VmHWM from the end of model loading through training and the final "
-                    "evaluation (the whole process: interpreter and libraries included)",
+        "measured": f"VmHWM {mem.window} through training and the final evaluation (the "
+                    "whole process: interpreter and libraries included)",
         "process_baseline_bytes": mem.start}
     if peak:
         log(f"memory: peak {peak / 2**20:,.1f} MiB resident, planned {planned / 2**20:,.1f} MiB "
