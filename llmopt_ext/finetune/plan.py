@@ -205,8 +205,8 @@ def eval_bytes(s: Shape, batch: int, seq: int) -> float:
     a batch of ``batch`` x ``seq`` tokens three fp32 vocab-sized tensors per token (the logits,
     the shifted copy, log-softmax inside cross_entropy). SmolLM2-135M, 4 x 51 tokens: 38 MiB
     each, 112 MiB measured above the RSS after the evaluation (115 planned). Greedy generation
-    keeps the last position's logits and a KV cache (layers x 2 x tokens x hidden x 4 bytes:
-    under 2 MiB here), far below this."""
+    keeps the last position's logits and a KV cache (layers x 2 x tokens x kv heads x head dim
+    x 4 bytes: 30 x 2 x ~100 x 3 x 64 x 4 = 4.4 MiB for 2 prompts of ~50 tokens), not counted."""
     return 3 * batch * seq * s.vocab * 4
 
 
