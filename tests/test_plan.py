@@ -134,7 +134,8 @@ def test_embedded_plan_within_20_percent(tmp_path, optimizer):
 @pytest.mark.parametrize("optimizer", ["adamw", "sophiah"])
 def test_real_model_plan_within_20_percent(tmp_path, real_model_dir, optimizer):
     """SmolLM2-135M: the weights and (SophiaH) the Hessian-vector product's graph are most of
-    the peak; the x2 rule for that graph planned 22% under the measured SophiaH peak."""
+    the peak; the x2 rule for that graph would plan 21-25% under the measured SophiaH peak
+    (1490 vs 1898-1980 MiB)."""
     planned, measured, base = _run(tmp_path, "--model", real_model_dir, *SHORT, "--max-length", "64",
                                    "--train-size", "16", "--optimizer", optimizer)
     _report(f"real model {optimizer}", planned, measured, base)
