@@ -5,7 +5,7 @@ The plan is the process's resident peak, in parts (LoRA on the fp32 base, QLoRA 
 full fine-tuning):
 
 * process baseline (measured): the resident size before the model loads -- interpreter, torch,
-  transformers, peft (520 MiB on this project's CPU machine: 296 MiB of it is importing
+  transformers, peft (519 MiB on this project's CPU machine: 296 MiB of it is importing
   transformers/peft and the model's classes). It dominates a small model's peak;
 * loaded with the model (measured): anonymous memory that loading the tokenizer, encoding the
   data and building the model added beyond the parameters (SmolLM2-135M: 43 MiB with 16
@@ -38,7 +38,7 @@ pages quantizing read stay resident (SmolLM2-135M: RssFile +514 MiB). The plan c
 beyond those parameters as measured (:func:`mapped_checkpoint_extra`, 405 MiB there); without
 it the QLoRA AdamW plan was 37% under the measured peak, with it 5% (1514 vs 1590 MiB).
 
-Measured on CPU (2 shared cores, so indicative; 3 steps, batch 2, ``--eval-size 4
+Measured on CPU (shared cores; 3 steps, batch 2, ``--eval-size 4
 --em-samples 2 --max-new-tokens 4``), plan vs VmHWM: see README.md ("Plan:").
 
 Time: seconds per step measured over a few steps (``--plan`` runs them; a run logs it after its
@@ -71,7 +71,7 @@ EXACT_PROBE_MAX = 1 << 20  # trainable tensors up to this size are probed at the
 # embedded model; AdaHessian 3.7x on SmolLM2-135M (LoRA r=8, 2 x 51 tokens, eager attention).
 # That is resident memory, glibc's caching of freed blocks included: with a fixed mmap
 # threshold (MALLOC_MMAP_THRESHOLD_=131072, freed blocks go back at once) the SophiaH run above
-# peaks 21% under this plan, and the embedded AdaHessian run at batch 16 x 101 at 739 MiB
+# peaks at 1526 MiB (the plan, 1852, 21% over it; 1898-1980 MiB without), and the embedded AdaHessian run at batch 16 x 101 at 739 MiB
 # instead of 937 (the plan, 783, is then 6% over it instead of 16% under).
 HVP_FACTOR = 4.0
 EVAL_LOSS_BATCH = 32  # evaluate.eval_loss's batch size
