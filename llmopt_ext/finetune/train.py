@@ -667,6 +667,19 @@ def _finish_interrupted(r: Run, t: Trainer) -> None:
         log(f"{name}: stopped at step {t.step} of {r.opts.max_steps}; continue with --resume {ck}")
 
 
+def _record_memory(r: Run, mplan: dict, mem) -> None:
+    """The plan beside the measured peak in results.json (and the log)."""
+    planned, peak = mplan["modes"][mplan["chosen"]]["total"], mem.peak()
+    r.results["memory"] = {
+        "plan": mplan, "planned_bytes": planned, "measured_peak_bytes": peak,
+        "measured": f"VmHWM {mem.window} through training and the final evaluation (the "
+                    "whole process: interpreter and libraries included)",
+        "process_baseline_bytes": mem.start}
+    if peak:
+        log(f"memory: peak {peak / 2**20:,.1f} MiB resident, planned {planned / 2**20:,.1f} MiB "
+            f"({planned / peak - 1:+.0%})", r.dist.rank)
+
+
 def _close_distributed(d: Dist) -> None:
     if d.enabled:
         import torch.distributed as dist
@@ -693,8 +706,10 @@ def run(args) -> dict:
     split = prepare_data(opts)  # a bad data file fails before the model loads
     from . import plan as P
     P.warm_start(opts.model or base_model_dir())
-    mem = P.PeakMemory()  # resident size before the model loads (code already imported)
+    mem = P.PeakMemory()  # the process baseline: resident size before the model loads
     r = build_model(opts, d, device, split)
+    mem.after_load(r.model)
+    mem.reset()  # the peak from here on, not the transients of loading the checkpoint
     r.results["options"] = {k: v for k, v in vars(opts).items() if not callable(v)}
     r.results["data"] = r.data_stats
     _evaluate(r, "before")
@@ -702,13 +717,10 @@ def run(args) -> dict:
         t = setup_training(r)
         t.stop = stop
         mplan = P.memory_plan(opts, P.model_shape(opts.model or base_model_dir(), opts),
-                              P.longest(r.train_ex))
+                              P.longest(r.train_ex), mem.measured_parts(),
+                              P.eval_shape_of(opts, r.eval_ex))
         log(P.format_plan(mplan, short=True), d.rank)
-        mem.reset()  # the peak of training, not of loading the checkpoint
         r.results["train"] = train_loop(r, t)
-    r.results["memory"] = {"plan": mplan, "planned_bytes": mplan["modes"][mplan["chosen"]]["total"],
-                           "measured_peak_bytes": mem.peak_delta(),
-                           "measured": "VmHWM during training - VmRSS before the model loaded"}
     if not t.interrupted and d.rank == 0:
         try:  # a signal during the final evaluation (minutes on a real model) still saves
             with StopRequest(raise_now=True):
@@ -716,6 +728,7 @@ def run(args) -> dict:
         except Interrupted as e:
             t.interrupted = e.signum
             r.results["train"]["interrupted"] = signal.Signals(e.signum).name
+    _record_memory(r, mplan, mem)
     if t.interrupted:
         _finish_interrupted(r, t)
         _close_distributed(d)
