@@ -252,7 +252,7 @@ def test_resume_gives_the_same_adapter(tmp_path, opt):
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("opt", ["adamw", "adahessian", "oasis", "aisarah"])
+@pytest.mark.parametrize("opt", ["adamw", "hyperadamw", "adahessian", "oasis", "aisarah"])
 def test_torchrun_gloo_two_ranks(tmp_path, opt):
     """2-process DDP run: parameters identical on both ranks, only rank 0 writes."""
     out = tmp_path / "ddp"
