@@ -37,7 +37,9 @@ from typing import Any, Optional
 import torch
 from peft import LoraConfig
 from peft.tuners.lora import layer as peft_layer
+from peft.tuners.lora import variants as peft_variants
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops import lora as lora_ops
@@ -71,10 +73,12 @@ def reset_fused_counts() -> None:
     _FUSED.clear()
 
 
-def _record_fused(names: list[str], lora_B: nn.ModuleDict) -> None:
+def _record_fused(names: list[str], lora_B: nn.ModuleDict, dora: bool = False) -> None:
     if torch.compiler.is_compiling():  # a counter update would break a fullgraph trace
         return
     kind = f"{len(names)} adapter{'s' if len(names) > 1 else ''}"
+    if dora:
+        kind += ", DoRA"
     if any(lora_B[n].bias is not None for n in names):
         kind += ", lora_bias"
     _FUSED[kind] += 1
@@ -108,6 +112,37 @@ def _dropout_p(module: nn.Module) -> Optional[float]:
     if type(module) is nn.Dropout:
         return float(module.p)
     return None
+
+
+class _DoraScale(torch.autograd.Function):
+    """``y = z * g + add`` for z (..., out) in x's dtype, g (out,) float32 and add None, a bias
+    (out,) or a tensor shaped like z; computed in float32 and rounded once to z's dtype.
+    Saves z in its own dtype (autograd's mul of an upcast z would keep a float32 copy).
+    The backward is made of differentiable ops (double backward works)."""
+
+    @staticmethod
+    def forward(ctx, z, g, add):
+        y = z * g if z.dtype == torch.float32 else z.to(torch.float32) * g
+        if add is not None:
+            y += add
+        ctx.save_for_backward(z, g)
+        ctx.add_full = add is not None and add.dim() == z.dim()
+        ctx.add_dtype = None if add is None else add.dtype
+        return y.to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        z, g = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dz = dg = dadd = None
+        if need[0]:
+            dz = (dy * g).to(z.dtype)
+        if need[1]:
+            d32, z32 = dy.to(torch.float32), z.to(torch.float32)
+            dg = (d32 * z32).reshape(-1, z.shape[-1]).sum(0)
+        if need[2]:
+            dadd = dy.to(ctx.add_dtype) if ctx.add_full else dy.reshape(-1, dy.shape[-1]).sum(0).to(ctx.add_dtype)
+        return dz, dg, dadd
 
 
 class LoraLinear(peft_layer.Linear):
@@ -144,16 +179,21 @@ class LoraLinear(peft_layer.Linear):
         if amp is None and x.dtype != weight.dtype:
             return None, f"x dtype {x.dtype} != weight dtype {weight.dtype}"
         compute = amp or x.dtype
-        for name in active:
-            reason = self._adapter_reason(name, compute)
+        for i, name in enumerate(active):
+            reason = self._adapter_reason(name, compute, first=i == 0, amp=amp is not None)
             if reason:
                 return None, reason
         return active, ""
 
-    def _adapter_reason(self, name: str, compute: torch.dtype) -> str:
-        """Why adapter `name` cannot run fused with inputs in `compute` dtype ("" if it can)."""
+    def _adapter_reason(self, name: str, compute: torch.dtype, first: bool = True, amp: bool = False) -> str:
+        """Why adapter `name` cannot run fused with inputs in `compute` dtype ("" if it can);
+        `first`: it is the first active adapter, `amp`: under autocast."""
         if name in self.lora_variant:
-            return f"LoRA variant {type(self.lora_variant[name]).__name__}"
+            if type(self.lora_variant[name]) is not peft_variants.DoraLinearVariant:
+                return f"LoRA variant {type(self.lora_variant[name]).__name__}"
+            reason = self._dora_reason(name, first, amp)
+            if reason:
+                return reason
         adt = self.lora_A[name].weight.dtype
         if adt not in (torch.float32, compute) or self.lora_B[name].weight.dtype != adt:
             return f"adapter dtype {adt} (expected float32 or x's dtype)"
@@ -171,7 +211,7 @@ class LoraLinear(peft_layer.Linear):
         if names is None:
             _record_fallback(reason)
             return super().forward(x, *args, **kwargs)
-        _record_fused(names, self.lora_B)
+        _record_fused(names, self.lora_B, dora=names[0] in self.lora_variant)
         base = self.get_base_layer()
         weight, bias = base.weight, base.bias
         amp = _autocast_dtype(x)
@@ -180,6 +220,11 @@ class LoraLinear(peft_layer.Linear):
                 x, weight = x.to(amp), weight.to(amp)
                 bias = bias.to(amp) if bias is not None else None
             first, s = names[0], self.scaling[names[0]]
+            if first in self.lora_variant:  # DoRA (checked by _dora_reason)
+                y = self._dora_forward(x, weight, bias, first)
+                for name in names[1:]:
+                    y = y + self._low_rank_term(x, name).to(y.dtype)
+                return y
             lora_bias = self.lora_B[first].bias
             if lora_bias is not None:  # peft scales lora_B's bias with the adapter: y += s * b_B
                 bias = s * lora_bias if bias is None else bias + s * lora_bias
@@ -197,6 +242,74 @@ class LoraLinear(peft_layer.Linear):
         x = self._cast_input_dtype(x, self.lora_A[name].weight.dtype)
         return self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
 
+    # ---- DoRA
+
+    def _dora_reason(self, name: str, first: bool, amp: bool) -> str:
+        """Why DoRA adapter `name` cannot run fused ("" if it can)."""
+        if not first:  # peft rescales the output so far, earlier adapters' terms included
+            return "DoRA adapter after the first active adapter"
+        if amp:
+            return "DoRA under autocast"
+        mag = self.lora_magnitude_vector[name].weight
+        n_out = self.lora_B[name].weight.shape[0]
+        if mag.dtype not in _FUSED_DTYPES or tuple(mag.shape) != (n_out,):
+            return f"DoRA magnitude {mag.dtype} {tuple(mag.shape)} (expected a float ({n_out},) vector)"
+        if mag.device != self.lora_A[name].weight.device:
+            return f"DoRA magnitude on {mag.device}, adapter on {self.lora_A[name].weight.device}"
+        return ""
+
+    def clear_dora_cache(self) -> None:
+        """Drops the cached ``||W_j||^2`` (recomputed at the next DoRA forward). Needed only
+        after writing the base weight in place through ``.data`` (which bypasses the version
+        counter the cache is keyed on); merge/unmerge clear it themselves."""
+        self.__dict__.pop("_dora_weight_sq", None)
+
+    def _dora_weight_sq(self, weight: torch.Tensor) -> Optional[torch.Tensor]:
+        """``||W_j||^2`` (float32, (out,)), cached: W is frozen. The key holds W's storage
+        address, version counter (bumped by every in-place write through the parameter,
+        load_state_dict's included), shape, strides, dtype and device, so a changed or
+        replaced W recomputes it. Not cached while torch.compile traces (None: computed)."""
+        if torch.compiler.is_compiling():
+            return None
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.stride(), weight.dtype,
+               weight.device, bool(self.fan_in_fan_out))
+        cached = self.__dict__.get("_dora_weight_sq")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        value = lora_ops.weight_row_norm_sq(weight, self.fan_in_fan_out)
+        self.__dict__["_dora_weight_sq"] = (key, value)
+        return value
+
+    def _dora_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                      name: str) -> torch.Tensor:
+        """peft's DoRA output for adapter `name` (the first active one), fused.
+
+        With ``g = m / ||W + s B A||`` per output row (m: ``lora_magnitude_vector``; the norm
+        from :func:`llmopt_ext.ops.lora.dora_weight_norm`, low rank, detached, float32):
+
+        * no dropout (eval, or p = 0): peft's ``base(x) + (g - 1) (base(x) - bias) + g s B A x``
+          is ``g * (x W^T + s x A^T B^T) + bias``: one fused ``lora_linear`` (no bias), then
+          the per-column scale and the bias in float32, rounded once.
+        * dropout in training: peft applies the dropout to x for the whole DoRA term,
+          ``base(x) + (g - 1) (x_d W^T) + g s B A x_d`` with ``x_d = dropout(x)``, which is
+          ``(x - x_d) W^T + bias + g * (x_d W^T + s x_d A^T B^T)``: the layer's own dropout
+          module makes x_d (the same RNG draw as peft's, so a seed gives peft's mask), then
+          one fused ``lora_linear`` on x_d and one plain GEMM on ``x - x_d``: two base GEMMs,
+          as peft's (its DoRA term has its own ``F.linear`` of x_d).
+        """
+        lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
+        s, fif = self.scaling[name], self.fan_in_fan_out
+        norm = lora_ops.dora_weight_norm(weight, lora_A, lora_B, s, fif, self._dora_weight_sq(weight))
+        g = self.lora_magnitude_vector[name].weight.to(torch.float32) / norm
+        dropout = self.lora_dropout[name]
+        if self.training and _dropout_p(dropout) > 0.0:
+            x_d = dropout(self._cast_input_dtype(x, lora_A.dtype)).to(x.dtype)
+            z = lora_ops.lora_linear(x_d, weight, None, lora_A, lora_B, s, 0.0, False, fif)
+            rest = F.linear(x - x_d, weight.t() if fif else weight, bias)
+            return _DoraScale.apply(z, g, rest)
+        z = lora_ops.lora_linear(x, weight, None, lora_A, lora_B, s, 0.0, False, fif)
+        return _DoraScale.apply(z, g, bias)
+
     # ---- merge / unmerge with one rounding (peft rounds the delta, then the sum: peft#1388)
 
     def _plain_merge_ok(self, name: str) -> bool:
@@ -207,6 +320,7 @@ class LoraLinear(peft_layer.Linear):
                 and self.lora_A[name].weight.device == w.device)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        self.clear_dora_cache()
         for name in check_adapters_to_merge(self, adapter_names):
             if name not in self.lora_A:
                 continue
@@ -228,6 +342,7 @@ class LoraLinear(peft_layer.Linear):
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
+        self.clear_dora_cache()
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return

@@ -350,3 +350,56 @@ def lora_linear(
 backend.register_op("lora_linear", ("triton", "cpu", "reference"),
                     {"cpu": _lora_linear_cpu, "triton": "llmopt_ext.ops.triton.lora:lora_linear",
                      "reference": reference.lora_linear})
+
+
+# ---------------------------------------------------------------------------
+# DoRA: the row norms of W + s B A in low rank
+
+def weight_row_norm_sq(weight: torch.Tensor, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """``||W_j||^2`` per output row j, float32 (out,). Row blocks of bf16/fp16 W are upcast
+    (never all of W); with ``fan_in_fan_out`` (W stored (in, out)) the sums run over dim 0."""
+    w = weight.detach()
+    if fan_in_fan_out:
+        out = torch.zeros(w.shape[1], dtype=torch.float32, device=w.device)
+        for i, j in _blocks(w.shape[0], w.shape[1]):
+            out += w[i:j].to(torch.float32).square().sum(0)
+        return out
+    out = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for i, j in _blocks(w.shape[0], w.shape[1]):
+        out[i:j] = w[i:j].to(torch.float32).square().sum(1)
+    return out
+
+
+def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: Scalar,
+                     fan_in_fan_out: bool = False, weight_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """DoRA's ``||W + s B A||`` per output row, float32 (out,), without forming ``W + s B A``.
+
+    For output row j (W_j: (in,), B_j: (r,)):
+
+        ||W_j + s B_j A||^2 = ||W_j||^2 + 2 s (W_j A^T) . B_j + s^2 B_j (A A^T) B_j^T
+
+    i.e. ``weight_sq + 2 s rowsum((W A^T) * B) + s^2 rowsum((B (A A^T)) * B)``. ``W A^T`` is
+    (out, r): out*in*r multiply-adds (r/tokens of the base GEMM's); ``A A^T`` is (r, r). peft
+    materialises the (out, in) sum and takes its norm on every forward. ``weight_sq`` is
+    :func:`weight_row_norm_sq` (cache it: W is frozen). Everything runs in float32 (bf16 W in
+    row blocks, as :func:`_down`); the result is clamped at 0 before the square root, since
+    the expansion can round a (near-)zero row below 0. Relative rounding of the squared norm
+    is about eps32 * (||W_j||^2 + 2|s W_j.(B_j A)| + s^2 ||B_j A||^2) / ||W_j + s B_j A||^2,
+    which is eps32-sized unless the adapter nearly cancels W's row. No gradient: DoRA
+    detaches this norm (DoRA paper, section 4.3; peft does the same).
+    """
+    with torch.no_grad():
+        w = weight.detach()
+        a = lora_A.detach().to(torch.float32)
+        b = lora_B.detach().to(torch.float32)
+        if weight_sq is None:
+            weight_sq = weight_row_norm_sq(w, fan_in_fan_out)
+        if fan_in_fan_out:  # W (in, out): (A W)^T = W^T A^T, (out, r)
+            wa = _reduce(a.t().contiguous(), _rows(w), 0, 0.0).t()
+        else:
+            wa = _down(_rows(w), a.t(), 1.0, 0, 0.0)  # (out, r)
+        s = scaling.reshape(()).to(device=w.device, dtype=torch.float32) if isinstance(scaling, torch.Tensor) \
+            else float(scaling)
+        cross = (wa * b).sum(1)
+        quad = ((b @ (a @ a.t())) * b).sum(1)
+        return (weight_sq + (2 * s) * cross + (s * s) * quad).clamp_min_(0.0).sqrt_()
