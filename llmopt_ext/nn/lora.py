@@ -262,7 +262,7 @@ class LoraLinear(peft_layer.Linear):
         """Drops the cached ``||W_j||^2`` (recomputed at the next DoRA forward). Needed only
         after writing the base weight in place through ``.data`` (which bypasses the version
         counter the cache is keyed on); merge/unmerge clear it themselves."""
-        self.__dict__.pop("_dora_weight_sq", None)
+        self.__dict__.pop("_dora_wsq_cache", None)
 
     def _dora_weight_sq(self, weight: torch.Tensor) -> Optional[torch.Tensor]:
         """``||W_j||^2`` (float32, (out,)), cached: W is frozen. The key holds W's storage
@@ -273,11 +273,11 @@ class LoraLinear(peft_layer.Linear):
             return None
         key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.stride(), weight.dtype,
                weight.device, bool(self.fan_in_fan_out))
-        cached = self.__dict__.get("_dora_weight_sq")
+        cached = self.__dict__.get("_dora_wsq_cache")
         if cached is not None and cached[0] == key:
             return cached[1]
         value = lora_ops.weight_row_norm_sq(weight, self.fan_in_fan_out)
-        self.__dict__["_dora_weight_sq"] = (key, value)
+        self.__dict__["_dora_wsq_cache"] = (key, value)
         return value
 
     def _dora_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
