@@ -41,7 +41,7 @@ def test_dora_weight_norm_matches_materialised(wdt, fif, tensor_scale):
     """||W + s B A|| per output row from the low-rank expansion vs the float64 norm of the
     materialised sum: float32 accuracy (W exactly upcast), for bf16 W too."""
     g = torch.Generator().manual_seed(0)
-    out_f, in_f, r = 70, 300, 6  # 300 columns: more than one upcast row block of bf16 W
+    out_f, in_f, r = 70, 1000, 6  # more than one upcast row block of bf16 W, (out, in) or (in, out)
     w = torch.randn(out_f, in_f, generator=g).to(wdt)
     a = torch.randn(r, in_f, generator=g) * 0.3
     b = torch.randn(out_f, r, generator=g) * 0.3
