@@ -369,23 +369,6 @@ def test_fallbacks_are_counted_and_reported():
     assert sum(lnn.fallback_counts().values()) == 4
 
 
-def test_dora_under_autocast_falls_back_exactly():
-    """DoRA runs fused (tests/test_lora_dora.py) except under autocast: peft's forward, exact."""
-    base = torch.nn.Linear(16, 12)
-    cfg = LoraConfig(r=4, lora_alpha=8, use_dora=True, init_lora_weights=False)
-    layer = peft_layer.Linear(base, "default", config=cfg, r=4, lora_alpha=8, use_dora=True)
-    twin = copy.deepcopy(layer)
-    lnn.fuse_lora(layer)
-    lnn.reset_fallback_counts(), lnn.reset_fused_counts()
-    x = torch.randn(5, 16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        with pytest.warns(RuntimeWarning, match="DoRA under autocast"):
-            y = layer(x)
-        assert torch.equal(y, twin(x))
-    torch.testing.assert_close(layer(x), twin(x), rtol=1e-5, atol=1e-5)
-    assert lnn.fused_counts() == {"1 adapter, DoRA": 1}
-
-
 @pytest.mark.parametrize("safe", [False, True])
 def test_layer_merge_unmerge(safe):
     layer = _peft_layer(40, 24, 8, torch.bfloat16, torch.float32, "frozen", False, False, dropout=0.0)

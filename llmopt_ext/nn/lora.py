@@ -5,10 +5,16 @@
   ``forward`` (and the merge arithmetic) change. It reports itself as peft does (repr
   ``lora.Linear(...)``, so get_layer_status()'s module_type is peft's). The fused op runs the
   base layer and the first active adapter (``lora_bias`` folded into the op's bias, which is
-  differentiable); further active adapters add peft's own low-rank term. A configuration the
-  fused path does not cover — DoRA and the other variants, a mixed ``adapter_names`` batch,
-  merged or disabled adapters, a base layer that is another adapter's layer (mixed models),
-  an x dtype other than the weight's outside autocast — runs peft's exact forward. Under
+  differentiable); further active adapters add peft's own low-rank term. DoRA
+  (``use_dora=True``) runs fused when it is the first active adapter (autocast too): the
+  weight norm ``||W + s B A||`` per output row in low rank (:func:`llmopt_ext.ops.lora.dora_weight_norm`,
+  ``||W_j||^2`` cached), the fused op without bias, then the per-column ``m / norm`` scale and
+  the bias (:meth:`LoraLinear._dora_forward` has the algebra, with dropout too). A
+  configuration the fused path does not cover — the other variants (BD-LoRA, VeLoRA, KaSA,
+  MonteCLoRA, MiCA, aLoRA, Arrow), a DoRA adapter after another active adapter, a mixed
+  ``adapter_names`` batch, merged or disabled adapters, a base layer that is another
+  adapter's layer (mixed models), an x dtype other than the weight's outside autocast —
+  runs peft's exact forward. Under
   ``torch.autocast`` (bf16/fp16) x, the base weight and bias are cast to the autocast dtype,
   as autocast does for peft's base ``F.linear``, and the fused op runs with autocast off on
   those inputs and the adapters in their own dtype (fp32 adapters stay fp32, where autocast
@@ -180,18 +186,18 @@ class LoraLinear(peft_layer.Linear):
             return None, f"x dtype {x.dtype} != weight dtype {weight.dtype}"
         compute = amp or x.dtype
         for i, name in enumerate(active):
-            reason = self._adapter_reason(name, compute, first=i == 0, amp=amp is not None)
+            reason = self._adapter_reason(name, compute, first=i == 0)
             if reason:
                 return None, reason
         return active, ""
 
-    def _adapter_reason(self, name: str, compute: torch.dtype, first: bool = True, amp: bool = False) -> str:
+    def _adapter_reason(self, name: str, compute: torch.dtype, first: bool = True) -> str:
         """Why adapter `name` cannot run fused with inputs in `compute` dtype ("" if it can);
-        `first`: it is the first active adapter, `amp`: under autocast."""
+        `first`: it is the first active adapter."""
         if name in self.lora_variant:
             if type(self.lora_variant[name]) is not peft_variants.DoraLinearVariant:
                 return f"LoRA variant {type(self.lora_variant[name]).__name__}"
-            reason = self._dora_reason(name, first, amp)
+            reason = self._dora_reason(name, first)
             if reason:
                 return reason
         adt = self.lora_A[name].weight.dtype
@@ -215,13 +221,14 @@ class LoraLinear(peft_layer.Linear):
         base = self.get_base_layer()
         weight, bias = base.weight, base.bias
         amp = _autocast_dtype(x)
+        x_in = x
         with torch.autocast(x.device.type, enabled=False) if amp is not None else contextlib.nullcontext():
             if amp is not None:
                 x, weight = x.to(amp), weight.to(amp)
                 bias = bias.to(amp) if bias is not None else None
             first, s = names[0], self.scaling[names[0]]
             if first in self.lora_variant:  # DoRA (checked by _dora_reason)
-                y = self._dora_forward(x, weight, bias, first)
+                y = self._dora_forward(x, weight, bias, first, x_in)
                 for name in names[1:]:
                     y = y + self._low_rank_term(x, name).to(y.dtype)
                 return y
@@ -244,12 +251,10 @@ class LoraLinear(peft_layer.Linear):
 
     # ---- DoRA
 
-    def _dora_reason(self, name: str, first: bool, amp: bool) -> str:
+    def _dora_reason(self, name: str, first: bool) -> str:
         """Why DoRA adapter `name` cannot run fused ("" if it can)."""
         if not first:  # peft rescales the output so far, earlier adapters' terms included
             return "DoRA adapter after the first active adapter"
-        if amp:
-            return "DoRA under autocast"
         mag = self.lora_magnitude_vector[name].weight
         n_out = self.lora_B[name].weight.shape[0]
         if mag.dtype not in _FUSED_DTYPES or tuple(mag.shape) != (n_out,):
@@ -281,8 +286,11 @@ class LoraLinear(peft_layer.Linear):
         return value
 
     def _dora_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                      name: str) -> torch.Tensor:
-        """peft's DoRA output for adapter `name` (the first active one), fused.
+                      name: str, x_in: torch.Tensor) -> torch.Tensor:
+        """peft's DoRA output for adapter `name` (the first active one), fused. x, weight and
+        bias are in the compute dtype (under autocast: cast to it); x_in is the layer's input
+        as given (the dropout runs on it in the adapter dtype, as peft's does) and the norm
+        uses the stored weight (peft's norm uses ``W.to(x.dtype)``, the uncast W under autocast).
 
         With ``g = m / ||W + s B A||`` per output row (m: ``lora_magnitude_vector``; the norm
         from :func:`llmopt_ext.ops.lora.dora_weight_norm`, low rank, detached, float32):
@@ -299,11 +307,12 @@ class LoraLinear(peft_layer.Linear):
         """
         lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
         s, fif = self.scaling[name], self.fan_in_fan_out
-        norm = lora_ops.dora_weight_norm(weight, lora_A, lora_B, s, fif, self._dora_weight_sq(weight))
+        stored = self.get_base_layer().weight
+        norm = lora_ops.dora_weight_norm(stored, lora_A, lora_B, s, fif, self._dora_weight_sq(stored))
         g = self.lora_magnitude_vector[name].weight.to(torch.float32) / norm
         dropout = self.lora_dropout[name]
         if self.training and _dropout_p(dropout) > 0.0:
-            x_d = dropout(self._cast_input_dtype(x, lora_A.dtype)).to(x.dtype)
+            x_d = dropout(self._cast_input_dtype(x_in, lora_A.dtype)).to(x.dtype)
             z = lora_ops.lora_linear(x_d, weight, None, lora_A, lora_B, s, 0.0, False, fif)
             rest = F.linear(x - x_d, weight.t() if fif else weight, bias)
             return _DoraScale.apply(z, g, rest)
