@@ -151,6 +151,34 @@ class _DoraScale(torch.autograd.Function):
         return dz, dg, dadd
 
 
+class _DoraRescale(torch.autograd.Function):
+    """``y = y0 + (g - 1) * (y0 - bias)`` (peft's form of the DoRA output without dropout) for
+    y0 = ``x W^T + bias + s x A^T B^T`` (..., out) in x's dtype, g (out,) float32 and bias
+    (out,) or None; float32 arithmetic, one rounding to y0's dtype. Where g == 1 (a DoRA
+    adapter at its initialisation) y is y0 exactly. Saves y0 in its own dtype."""
+
+    @staticmethod
+    def forward(ctx, y0, g, bias):
+        y32 = y0.to(torch.float32)
+        d = y32 - bias if bias is not None else y32
+        ctx.save_for_backward(y0, g, bias)
+        return (y32 + (g - 1.0) * d).to(y0.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        y0, g, bias = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dy0 = dg = dbias = None
+        if need[0]:
+            dy0 = (dy * g).to(y0.dtype)
+        if need[1]:
+            d = y0.to(torch.float32) - bias if bias is not None else y0.to(torch.float32)
+            dg = (dy.to(torch.float32) * d).reshape(-1, y0.shape[-1]).sum(0)
+        if need[2] and bias is not None:
+            dbias = ((1.0 - g) * dy.to(torch.float32).reshape(-1, y0.shape[-1]).sum(0)).to(bias.dtype)
+        return dy0, dg, dbias
+
+
 class LoraLinear(peft_layer.Linear):
     """peft's LoRA Linear whose forward runs :func:`llmopt_ext.ops.lora_linear`."""
 
@@ -296,8 +324,9 @@ class LoraLinear(peft_layer.Linear):
         from :func:`llmopt_ext.ops.lora.dora_weight_norm`, low rank, detached, float32):
 
         * no dropout (eval, or p = 0): peft's ``base(x) + (g - 1) (base(x) - bias) + g s B A x``
-          is ``g * (x W^T + s x A^T B^T) + bias``: one fused ``lora_linear`` (no bias), then
-          the per-column scale and the bias in float32, rounded once.
+          is ``y0 + (g - 1) (y0 - bias)`` with ``y0 = x W^T + bias + s x A^T B^T``: one fused
+          ``lora_linear``, then the per-column rescaling in float32, rounded once. At
+          initialisation (B = 0, m = peft's norm of W) g is exactly 1 and y is exactly y0.
         * dropout in training: peft applies the dropout to x for the whole DoRA term,
           ``base(x) + (g - 1) (x_d W^T) + g s B A x_d`` with ``x_d = dropout(x)``, which is
           ``(x - x_d) W^T + bias + g * (x_d W^T + s x_d A^T B^T)``: the layer's own dropout
@@ -309,6 +338,8 @@ class LoraLinear(peft_layer.Linear):
         s, fif = self.scaling[name], self.fan_in_fan_out
         stored = self.get_base_layer().weight
         norm = lora_ops.dora_weight_norm(stored, lora_A, lora_B, s, fif, self._dora_weight_sq(stored))
+        if lora_A.dtype != torch.float32:  # peft's norm is in the adapter dtype
+            norm = norm.to(lora_A.dtype).to(torch.float32)
         g = self.lora_magnitude_vector[name].weight.to(torch.float32) / norm
         dropout = self.lora_dropout[name]
         if self.training and _dropout_p(dropout) > 0.0:
@@ -316,8 +347,8 @@ class LoraLinear(peft_layer.Linear):
             z = lora_ops.lora_linear(x_d, weight, None, lora_A, lora_B, s, 0.0, False, fif)
             rest = F.linear(x - x_d, weight.t() if fif else weight, bias)
             return _DoraScale.apply(z, g, rest)
-        z = lora_ops.lora_linear(x, weight, None, lora_A, lora_B, s, 0.0, False, fif)
-        return _DoraScale.apply(z, g, bias)
+        y0 = lora_ops.lora_linear(x, weight, bias, lora_A, lora_B, s, 0.0, False, fif)
+        return _DoraRescale.apply(y0, g, bias)
 
     # ---- merge / unmerge with one rounding (peft rounds the delta, then the sum: peft#1388)
 

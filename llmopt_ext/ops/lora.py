@@ -365,18 +365,16 @@ def _row_blocks(w: torch.Tensor):
 
 
 def weight_row_norm_sq(weight: torch.Tensor, fan_in_fan_out: bool = False) -> torch.Tensor:
-    """``||W_j||^2`` per output row j, float32 (out,). Row blocks of W are upcast (never all
-    of W); with ``fan_in_fan_out`` (W stored (in, out)) the sums run over dim 0."""
+    """``||W_j||^2`` per output row j, float32 (out,), as the square of the norm peft takes
+    for DoRA (``torch.linalg.norm(W^(T) + 0, dim=1)`` over float32 values, W in the layout
+    peft's sum has): at B = 0 :func:`dora_weight_norm` returns exactly that norm (the sum
+    adds exact zeros and sqrt(fl(x^2)) = |x| in binary floating point), so a DoRA adapter
+    at its initialisation (magnitude = that norm) is exactly the identity rescaling, as in
+    peft. Allocates two float32 (out, in) temporaries: meant to be cached (W is frozen)."""
     w = weight.detach()
-    if fan_in_fan_out:
-        out = torch.zeros(w.shape[1], dtype=torch.float32, device=w.device)
-        for i, j in _row_blocks(w):
-            out += w[i:j].to(torch.float32).square().sum(0)
-        return out
-    out = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
-    for i, j in _row_blocks(w):
-        out[i:j] = w[i:j].to(torch.float32).square().sum(1)
-    return out
+    wo = w.t() if fan_in_fan_out else w
+    full = wo.to(torch.float32) + torch.zeros(wo.shape, dtype=torch.float32, device=w.device)
+    return torch.linalg.norm(full, dim=1).square_()
 
 
 def _weight_times_At(w: torch.Tensor, a: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
@@ -408,7 +406,7 @@ def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
     (out, r): out*in*r multiply-adds (r/tokens of the base GEMM's); ``A A^T`` is (r, r). peft
     materialises the (out, in) sum and takes its norm on every forward. ``weight_sq`` is
     :func:`weight_row_norm_sq` (cache it: W is frozen). Everything runs in float32 (bf16 W
-    upcast by row blocks); the result is clamped at 0 before the square root, since
+    upcast by row blocks for W A^T); the result is clamped at 0 before the square root, since
     the expansion can round a (near-)zero row below 0. Relative rounding of the squared norm
     is about eps32 * (||W_j||^2 + 2|s W_j.(B_j A)| + s^2 ||B_j A||^2) / ||W_j + s B_j A||^2,
     which is eps32-sized unless the adapter nearly cancels W's row (then the norm itself is
