@@ -486,3 +486,26 @@ def test_dora_save_load(tmp_path, direction):
         with fused_model.disable_adapter():
             assert not torch.allclose(fused_model(x), y_src)  # the adapter contributes
     assert lnn.fallback_counts() == {"adapters disabled": 2}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_dora_compile_fullgraph(dropout):
+    """No graph break in the fused DoRA layer (aot_eager traces forward and backward; the
+    norm cache is bypassed while tracing); eval output and gradients as eager."""
+    layer = _dora_layer(torch.float32, torch.float32, bias=True, dropout=dropout).eval()
+    lnn.fuse_lora(layer)
+    x = torch.randn(3, 24, requires_grad=True)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    y = compiled(x)
+    y.square().sum().backward()
+    grads = [p.grad.clone() for p in _params(layer)]
+    for p in _params(layer):
+        p.grad = None
+    want = layer(x.detach())
+    want.square().sum().backward()
+    torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6)
+    for g, p in zip(grads, _params(layer)):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)
+    if dropout:  # training with dropout traces too
+        layer.train()
+        torch.compile(layer, backend="aot_eager", fullgraph=True)(x).sum().backward()
