@@ -25,6 +25,7 @@ against peft's merge (delta = B A materialised, rounded, then added) in the same
 from __future__ import annotations
 
 import copy
+import statistics
 
 import torch
 from peft import LoraConfig
@@ -172,8 +173,11 @@ def _dora_layers(in_f, out_f, r, dtype, device, dropout):
 
 
 def _dora_rows(res, device, tokens, dtypes, quick):
+    """Rounds of one timed call per implementation, interleaved (a shared machine's load
+    changes hit all three alike); the medians over the rounds."""
     lin_backend = "triton" if device.type == "cuda" else "cpu"
-    reps = dict(max_reps=3 if quick else 5, min_reps=3, min_time_s=0.1, warmup=1)
+    rounds = 3 if quick else 7
+    once = dict(min_reps=1, max_reps=1, min_time_s=0.0, warmup=0)
     in_f = out_f = 1024 if quick else 4096
     r = 16
     for dt_name in dtypes:
@@ -183,19 +187,33 @@ def _dora_rows(res, device, tokens, dtypes, quick):
             x = torch.randn(tokens, in_f, device=device, dtype=dtype, requires_grad=True)
             gy = torch.randn(tokens, out_f, device=device, dtype=dtype)
             row = dict(shape=f"{in_f}->{out_f}", tokens=tokens, r=r, activations=dt_name, adapters="fp32",
-                       dropout=p)
+                       dropout=p, rounds=rounds)
             lnn.reset_fallback_counts()
-            for name, mod in {"fused_lora": lora, "fused_dora": fused, "peft_dora": plain}.items():
-                with backend.use(lin_backend if name.startswith("fused") else None):
-                    def fwd(mod=mod):
-                        return mod(x)
+            impls = {"fused_lora": lora, "fused_dora": fused, "peft_dora": plain}
+            fns = {}
+            for name, mod in impls.items():
+                def fwd(mod=mod):
+                    return mod(x)
 
-                    def fwd_bwd(mod=mod):
-                        mod(x).backward(gy)
+                def fwd_bwd(mod=mod):
+                    mod(x).backward(gy)
 
-                    row[f"{name}_fwd_ms"] = measure(fwd, device, **reps)["ms"]
-                    row[f"{name}_fwdbwd_ms"] = measure(fwd_bwd, device, **reps)["ms"]
-                    row[f"{name}_saved_MB"] = _saved_bytes(fwd, mod) / 2**20
+                fns[name] = (fwd, fwd_bwd, lin_backend if name.startswith("fused") else None)
+            times = {f"{n}_{k}": [] for n in impls for k in ("fwd", "fwdbwd")}
+            for i in range(rounds + 1):  # round 0 warms up
+                for name, (fwd, fwd_bwd, be) in fns.items():
+                    with backend.use(be):
+                        t_f = measure(fwd, device, **once)["ms"]
+                        t_fb = measure(fwd_bwd, device, **once)["ms"]
+                    if i:
+                        times[f"{name}_fwd"].append(t_f)
+                        times[f"{name}_fwdbwd"].append(t_fb)
+                x.grad = None
+            for key, ts in times.items():
+                row[f"{key}_ms"] = statistics.median(ts)
+            for name, (fwd, fwd_bwd, be) in fns.items():
+                with backend.use(be):
+                    row[f"{name}_saved_MB"] = _saved_bytes(fwd, impls[name]) / 2**20
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)
                         fwd_bwd()
@@ -216,7 +234,8 @@ def run_dora(device: torch.device, quick: bool = False, dtypes=("bf16", "fp32"))
     if device.type == "cpu":
         torch.set_num_threads(1)
     dora = Results("lora_dora", device, title="Fused DoRA Linear vs peft's DoRA and the fused LoRA layer")
-    dora.notes.append("times in ms (median of 3-5); saved_MB = bytes autograd keeps for backward (parameters "
+    dora.notes.append("times in ms: median over `rounds` rounds of one call per implementation, "
+                      "interleaved; saved_MB = bytes autograd keeps for backward (parameters "
                       "excluded); adapters fp32; ratios from the same run")
     dora.notes.append(f"meets_dora_vs_lora: fused DoRA fwd+bwd <= {GOAL_DORA_VS_LORA}x the fused LoRA layer's "
                       "(the same adapter without DoRA); saved_le_peft_dora: fused DoRA saved_MB <= peft's DoRA")

@@ -265,16 +265,18 @@ def test_dora_dropout_backward_uses_the_forward_mask():
     assert lnn.fallback_counts() == {}
 
 
-def test_dora_double_backward_matches_peft():
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_dora_double_backward_matches_peft(dropout):
     """create_graph=True (Hessian-vector products): the second derivative through the fused
-    DoRA path equals peft's (fp32)."""
-    ref = _dora_layer(torch.float32, torch.float32, bias=True).eval()
+    DoRA path equals peft's (fp32; with dropout, training, the same seed: peft's mask)."""
+    ref = _dora_layer(torch.float32, torch.float32, bias=True, dropout=dropout).train(dropout > 0)
     fused = copy.deepcopy(ref)
     lnn.fuse_lora(fused)
     x = torch.randn(5, 24)
     out = []
     for layer in (ref, fused):
         params = _params(layer)
+        torch.manual_seed(2)
         loss = layer(x).square().sum()
         grads = torch.autograd.grad(loss, params, create_graph=True)
         vs = [torch.ones_like(p) for p in params]

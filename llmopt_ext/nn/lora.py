@@ -8,8 +8,8 @@
   differentiable); further active adapters add peft's own low-rank term. DoRA
   (``use_dora=True``) runs fused when it is the first active adapter (autocast too): the
   weight norm ``||W + s B A||`` per output row in low rank (:func:`llmopt_ext.ops.lora.dora_weight_norm`,
-  ``||W_j||^2`` cached), the fused op without bias, then the per-column ``m / norm`` scale and
-  the bias (:meth:`LoraLinear._dora_forward` has the algebra, with dropout too). A
+  ``||W_j||^2`` cached), the fused op, then peft's per-column rescaling by ``m / norm`` in
+  one float32 pass (:meth:`LoraLinear._dora_forward` has the algebra, with dropout too). A
   configuration the fused path does not cover — the other variants (BD-LoRA, VeLoRA, KaSA,
   MonteCLoRA, MiCA, aLoRA, Arrow), a DoRA adapter after another active adapter, a mixed
   ``adapter_names`` batch, merged or disabled adapters, a base layer that is another
@@ -45,8 +45,8 @@ from peft import LoraConfig
 from peft.tuners.lora import layer as peft_layer
 from peft.tuners.lora import variants as peft_variants
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
-import torch.nn.functional as F
 from torch import nn
+from torch.nn import functional as F
 
 from ..ops import lora as lora_ops
 
@@ -155,7 +155,8 @@ class _DoraRescale(torch.autograd.Function):
     """``y = y0 + (g - 1) * (y0 - bias)`` (peft's form of the DoRA output without dropout) for
     y0 = ``x W^T + bias + s x A^T B^T`` (..., out) in x's dtype, g (out,) float32 and bias
     (out,) or None; float32 arithmetic, one rounding to y0's dtype. Where g == 1 (a DoRA
-    adapter at its initialisation) y is y0 exactly. Saves y0 in its own dtype."""
+    adapter at its initialisation) y is y0 exactly. Saves y0 in its own dtype. The backward
+    is made of differentiable ops (double backward works)."""
 
     @staticmethod
     def forward(ctx, y0, g, bias):
