@@ -57,18 +57,21 @@ def test_dora_weight_norm_matches_materialised(wdt, fif, tensor_scale):
     torch.testing.assert_close(lora_ops.dora_weight_norm(stored, a, b, s, fif, wsq), got, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
 @pytest.mark.parametrize("fif", [False, True])
 @pytest.mark.parametrize("wdt", [torch.float32, torch.bfloat16])
-def test_dora_at_initialisation_is_exactly_the_base_layer(fif, wdt):
+def test_dora_at_initialisation_is_exactly_the_base_layer(fif, wdt, dropout):
     """peft's default init (B = 0, magnitude = peft's ||W||): the fused DoRA output is the
     base layer's output bit for bit, as peft's is (its test_lora_use_dora_linear checks
-    allclose, which near-zero outputs fail unless the rescaling is exactly 1)."""
+    allclose, which near-zero outputs fail unless the rescaling is exactly 1), in training
+    with dropout too."""
     torch.manual_seed(0)
     base = (Conv1D(18, 40) if fif else nn.Linear(40, 18)).to(wdt)
-    cfg = LoraConfig(r=4, lora_alpha=8, use_dora=True, fan_in_fan_out=fif)
+    cfg = LoraConfig(r=4, lora_alpha=8, use_dora=True, fan_in_fan_out=fif, lora_dropout=dropout)
     layer = peft_layer.Linear(copy.deepcopy(base), "a", config=cfg, r=4, lora_alpha=8, use_dora=True,
-                              is_target_conv_1d_layer=fif)
+                              is_target_conv_1d_layer=fif, lora_dropout=dropout)
     lnn.fuse_lora(layer)
+    layer.train()
     x = torch.randn(9, 40).to(wdt)
     with torch.no_grad():
         assert torch.equal(layer(x), base(x))

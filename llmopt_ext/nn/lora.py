@@ -120,35 +120,31 @@ def _dropout_p(module: nn.Module) -> Optional[float]:
     return None
 
 
-class _DoraScale(torch.autograd.Function):
-    """``y = z * g + add`` for z (..., out) in x's dtype, g (out,) float32 and add None, a bias
-    (out,) or a tensor shaped like z; computed in float32 and rounded once to z's dtype.
-    Saves z in its own dtype (autograd's mul of an upcast z would keep a float32 copy).
-    The backward is made of differentiable ops (double backward works)."""
+class _DoraMix(torch.autograd.Function):
+    """``y = y_base + (g - 1) * u + g * lr`` (peft's DoRA output with dropout) for y_base, u
+    (..., out) in x's dtype, lr (..., out) in the adapter dtype and g (out,) float32; float32
+    arithmetic, one rounding to y_base's dtype. Where g == 1 and lr == 0 (initialisation) y is
+    y_base exactly. ``v = u + lr`` (x's dtype, made by the caller with autograd ops) is an
+    input only to be saved for g's gradient (it gets none itself): saved as an input, it keeps
+    its graph, so double backward differentiates g's gradient through u and lr; the rest of
+    the backward is differentiable ops too."""
 
     @staticmethod
-    def forward(ctx, z, g, add):
-        y = z * g if z.dtype == torch.float32 else z.to(torch.float32) * g
-        if add is not None:
-            y += add
-        ctx.save_for_backward(z, g)
-        ctx.add_full = add is not None and add.dim() == z.dim()
-        ctx.add_dtype = None if add is None else add.dtype
-        return y.to(z.dtype)
+    def forward(ctx, y_base, u, lr, g, v):
+        ctx.save_for_backward(v, g)
+        ctx.dtypes = (u.dtype, lr.dtype)
+        y = y_base.to(torch.float32) + (g - 1.0) * u.to(torch.float32) + g * lr.to(torch.float32)
+        return y.to(y_base.dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        z, g = ctx.saved_tensors
+        v, g = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dz = dg = dadd = None
-        if need[0]:
-            dz = (dy * g).to(z.dtype)
-        if need[1]:
-            d32, z32 = dy.to(torch.float32), z.to(torch.float32)
-            dg = (d32 * z32).reshape(-1, z.shape[-1]).sum(0)
-        if need[2]:
-            dadd = dy.to(ctx.add_dtype) if ctx.add_full else dy.reshape(-1, dy.shape[-1]).sum(0).to(ctx.add_dtype)
-        return dz, dg, dadd
+        d32 = dy.to(torch.float32)
+        du = ((g - 1.0) * d32).to(ctx.dtypes[0]) if need[1] else None
+        dlr = (g * d32).to(ctx.dtypes[1]) if need[2] else None
+        dg = (d32 * v.to(torch.float32)).reshape(-1, v.shape[-1]).sum(0) if need[3] else None
+        return dy if need[0] else None, du, dlr, dg, None
 
 
 class _DoraRescale(torch.autograd.Function):
@@ -329,11 +325,12 @@ class LoraLinear(peft_layer.Linear):
           ``lora_linear``, then the per-column rescaling in float32, rounded once. At
           initialisation (B = 0, m = peft's norm of W) g is exactly 1 and y is exactly y0.
         * dropout in training: peft applies the dropout to x for the whole DoRA term,
-          ``base(x) + (g - 1) (x_d W^T) + g s B A x_d`` with ``x_d = dropout(x)``, which is
-          ``(x - x_d) W^T + bias + g * (x_d W^T + s x_d A^T B^T)``: the layer's own dropout
-          module makes x_d (the same RNG draw as peft's, so a seed gives peft's mask), then
-          one fused ``lora_linear`` on x_d and one plain GEMM on ``x - x_d``: two base GEMMs,
-          as peft's (its DoRA term has its own ``F.linear`` of x_d).
+          ``y = base(x) + (g - 1) (x_d W^T) + g s B A x_d`` with ``x_d = dropout(x)``; the
+          layer's own dropout module makes x_d (the same RNG draw as peft's, so a seed gives
+          peft's mask) in the adapter dtype, ``s B A x_d`` is peft's own adapter call, the two
+          base GEMMs (x and x_d, as peft's) run in x's dtype (peft runs the second one in the
+          adapter dtype: its error is damped by g - 1), and the sum is one float32 pass
+          rounded once. At initialisation y is exactly base(x), as peft's.
         """
         lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
         s, fif = self.scaling[name], self.fan_in_fan_out
@@ -344,10 +341,12 @@ class LoraLinear(peft_layer.Linear):
         g = self.lora_magnitude_vector[name].weight.to(torch.float32) / norm
         dropout = self.lora_dropout[name]
         if self.training and _dropout_p(dropout) > 0.0:
-            x_d = dropout(self._cast_input_dtype(x_in, lora_A.dtype)).to(x.dtype)
-            z = lora_ops.lora_linear(x_d, weight, None, lora_A, lora_B, s, 0.0, False, fif)
-            rest = F.linear(x - x_d, weight.t() if fif else weight, bias)
-            return _DoraScale.apply(z, g, rest)
+            x_d = dropout(self._cast_input_dtype(x_in, lora_A.dtype))
+            lr = self.lora_B[name](self.lora_A[name](x_d)) * s
+            w = weight.t() if fif else weight  # (out, in)
+            y_base = F.linear(x, w, bias)
+            u = F.linear(x_d.to(x.dtype), w)
+            return _DoraMix.apply(y_base, u, lr, g, u + lr.to(u.dtype))
         y0 = lora_ops.lora_linear(x, weight, bias, lora_A, lora_B, s, 0.0, False, fif)
         return _DoraRescale.apply(y0, g, bias)
 
