@@ -411,9 +411,8 @@ def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
     is about eps32 * (||W_j||^2 + 2|s W_j.(B_j A)| + s^2 ||B_j A||^2) / ||W_j + s B_j A||^2,
     which is eps32-sized unless the adapter nearly cancels W's row (then the norm itself is
     only good to about sqrt(eps32) ||W_j||, absolute; test_dora_weight_norm_cancelling_row
-    measures it). No gradient: DoRA
-    detaches this norm (DoRA paper, section 4.3; peft does the same).
-    """
+    measures it). No gradient: DoRA detaches this norm (DoRA paper, section 4.3; peft does
+    the same)."""
     with torch.no_grad():
         w = weight.detach()
         a = lora_A.detach().to(torch.float32)
