@@ -20,7 +20,7 @@ from llmopt_ext.ops import lora as lora_ops  # noqa: E402
 
 Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
 
-MANT = {torch.float32: 23, torch.bfloat16: 7}
+MANT = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
 FUSED = {"1 adapter, DoRA": 1}
 
 
@@ -157,6 +157,8 @@ CASES = [  # (x/W dtype, adapter dtype, base bias, fan_in_fan_out)
     (torch.bfloat16, torch.float32, True, True),  # Conv1D always has a bias
     (torch.bfloat16, torch.bfloat16, True, False),
     (torch.bfloat16, torch.bfloat16, False, False),
+    (torch.float16, torch.float16, True, False),
+    (torch.float16, torch.float32, True, False),
 ]
 
 

@@ -331,6 +331,13 @@ class LoraLinear(peft_layer.Linear):
           base GEMMs (x and x_d, as peft's) run in x's dtype (peft runs the second one in the
           adapter dtype: its error is damped by g - 1), and the sum is one float32 pass
           rounded once. At initialisation y is exactly base(x), as peft's.
+
+        Measured (bench/bench_lora.py --dora; 4096->4096, 256 tokens, r = 16, fp32, one
+        thread of a shared 2-core CPU, indicative): fwd+bwd 0.99x the fused LoRA layer's
+        (peft's DoRA 1.98x), 8.05 MB saved for backward (peft's 76.3 MB); dropout 0.1: 2.06x
+        (two base GEMMs each way, as peft's; peft's DoRA 3.32x), 12.0 MB (peft's 80.3 MB).
+        bf16 activations: 4.05 / 6.04 MB saved against peft's 38.2 / 40.2 MB (the times were
+        not measurable on that AVX2 machine: a bf16 x @ W GEMM took 110 s).
         """
         lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
         s, fif = self.scaling[name], self.fan_in_fan_out
