@@ -10,6 +10,13 @@ mask). On GPU: 2048 and 8192 tokens, r in {8, 16, 64}. On CPU the full run uses 
 tokens and r = 16; --quick uses small shapes. Goal columns: meets_vs_base, meets_vs_peft,
 saved_le_peft.
 
+DoRA (``use_dora=True``): fwd+bwd of the fused DoRA layer vs peft's DoRA layer and the
+fused plain LoRA layer at 4096->4096, r = 16 (CPU: 256 tokens, single thread; GPU: 2048),
+without dropout and with p = 0.1; goal: fused DoRA <= 1.3x the fused LoRA layer's time,
+and saved bytes <= peft's DoRA. Only these rows:
+``python -m bench.bench_lora --dora [--dora-dtypes fp32,bf16]`` (activations' dtype;
+adapters fp32, peft's default autocast_adapter_dtype; default both).
+
 Merge: lora_merge_ GB/s (W read + written) against the measured copy bandwidth, and
 against peft's merge (delta = B A materialised, rounded, then added) in the same run.
 
@@ -18,6 +25,7 @@ against peft's merge (delta = B A materialised, rounded, then added) in the same
 from __future__ import annotations
 
 import copy
+import statistics
 
 import torch
 from peft import LoraConfig
@@ -143,6 +151,105 @@ def _linear_rows(res, device, shapes, tokens_list, ranks, quick):
         res.add(**row)
 
 
+GOAL_DORA_VS_LORA = 1.3
+
+
+def _dora_layers(in_f, out_f, r, dtype, device, dropout):
+    """(peft DoRA, fused DoRA, fused LoRA) over one frozen base, fp32 adapters, a drawn B and
+    a magnitude moved off its initial norm (so the DoRA rescaling is not the identity)."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(in_f, out_f, bias=False, device=device, dtype=dtype)
+    base.weight.requires_grad_(False)
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, use_dora=True, init_lora_weights=False)
+    plain = peft_layer.Linear(base, "default", config=cfg, r=r, lora_alpha=2 * r, lora_dropout=dropout,
+                              use_dora=True)
+    with torch.no_grad():
+        plain.lora_magnitude_vector["default"].weight.mul_(1.1)
+    fused = copy.deepcopy(plain)
+    lnn.fuse_lora(fused)
+    lora = copy.deepcopy(fused)
+    del lora.lora_variant["default"]  # the same adapter without DoRA: the fused LoRA path
+    return plain.train(), fused.train(), lora.train()
+
+
+def _dora_rows(res, device, tokens, dtypes, quick):
+    """Rounds of one timed call per implementation, interleaved (a shared machine's load
+    changes hit all three alike); the medians over the rounds."""
+    lin_backend = "triton" if device.type == "cuda" else "cpu"
+    rounds = 3 if quick else 7
+    once = dict(min_reps=1, max_reps=1, min_time_s=0.0, warmup=0)
+    in_f = out_f = 1024 if quick else 4096
+    r = 16
+    for dt_name in dtypes:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dt_name]
+        for p in (0.0, 0.1):
+            plain, fused, lora = _dora_layers(in_f, out_f, r, dtype, device, p)
+            x = torch.randn(tokens, in_f, device=device, dtype=dtype, requires_grad=True)
+            gy = torch.randn(tokens, out_f, device=device, dtype=dtype)
+            row = dict(shape=f"{in_f}->{out_f}", tokens=tokens, r=r, activations=dt_name, adapters="fp32",
+                       dropout=p, rounds=rounds)
+            lnn.reset_fallback_counts()
+            impls = {"fused_lora": lora, "fused_dora": fused, "peft_dora": plain}
+            fns = {}
+            for name, mod in impls.items():
+                def fwd(mod=mod):
+                    return mod(x)
+
+                def fwd_bwd(mod=mod):
+                    mod(x).backward(gy)
+
+                fns[name] = (fwd, fwd_bwd, lin_backend if name.startswith("fused") else None)
+            times = {f"{n}_{k}": [] for n in impls for k in ("fwd", "fwdbwd")}
+            for i in range(rounds + 1):  # round 0 warms up
+                for name, (fwd, fwd_bwd, be) in fns.items():
+                    with backend.use(be):
+                        t_f = measure(fwd, device, **once)["ms"]
+                        t_fb = measure(fwd_bwd, device, **once)["ms"]
+                    if i:
+                        times[f"{name}_fwd"].append(t_f)
+                        times[f"{name}_fwdbwd"].append(t_fb)
+                x.grad = None
+            for key, ts in times.items():
+                row[f"{key}_ms"] = statistics.median(ts)
+            for name, (fwd, fwd_bwd, be) in fns.items():
+                with backend.use(be):
+                    row[f"{name}_saved_MB"] = _saved_bytes(fwd, impls[name]) / 2**20
+                    if device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(device)
+                        fwd_bwd()
+                        row[f"{name}_peak_MB"] = torch.cuda.max_memory_allocated(device) / 2**20
+                x.grad = None
+            if lnn.fallback_counts():
+                raise RuntimeError(f"bench_lora DoRA rows: fused layers fell back: {lnn.fallback_counts()}")
+            row["dora_vs_lora_fwdbwd"] = row["fused_dora_fwdbwd_ms"] / row["fused_lora_fwdbwd_ms"]
+            row["peft_dora_vs_fused_lora_fwdbwd"] = row["peft_dora_fwdbwd_ms"] / row["fused_lora_fwdbwd_ms"]
+            row["speedup_vs_peft_dora_fwdbwd"] = row["peft_dora_fwdbwd_ms"] / row["fused_dora_fwdbwd_ms"]
+            row["meets_dora_vs_lora"] = bool(row["dora_vs_lora_fwdbwd"] <= GOAL_DORA_VS_LORA)
+            row["saved_le_peft_dora"] = bool(row["fused_dora_saved_MB"] <= row["peft_dora_saved_MB"])
+            res.add(**row)
+
+
+def run_dora(device: torch.device, quick: bool = False, dtypes=("bf16", "fp32")) -> list[Results]:
+    """The DoRA rows alone (single-threaded on CPU)."""
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    dora = Results("lora_dora", device, title="Fused DoRA Linear vs peft's DoRA and the fused LoRA layer")
+    dora.notes.append("times in ms: median over `rounds` rounds of one call per implementation, "
+                      "interleaved; saved_MB = bytes autograd keeps for backward (parameters "
+                      "excluded); adapters fp32; ratios from the same run")
+    dora.notes.append(f"meets_dora_vs_lora: fused DoRA fwd+bwd <= {GOAL_DORA_VS_LORA}x the fused LoRA layer's "
+                      "(the same adapter without DoRA); saved_le_peft_dora: fused DoRA saved_MB <= peft's DoRA")
+    dora.notes.append("dropout > 0: peft's DoRA term runs its own base GEMM on dropout(x), and so does the "
+                      "fused one (the same result needs it): two base GEMMs each way")
+    _dora_rows(dora, device, 2048 if device.type == "cuda" else 256, dtypes, quick)
+    dora.plot(["dora_vs_lora_fwdbwd", "peft_dora_vs_fused_lora_fwdbwd"],
+              label=["shape", "tokens", "activations", "dropout"], kind="value",
+              limits=[(GOAL_DORA_VS_LORA, "goal"), (1.0, "fused LoRA")],
+              xlabel="fwd+bwd time / fused LoRA fwd+bwd time (lower is better)",
+              title="DoRA: fused and peft's, against the fused LoRA layer")
+    return [dora]
+
+
 def _merge_rows(res, device, shapes, ranks, quick):
     bw = copy_bandwidth(device)
     res.notes.append(f"measured copy bandwidth: {bw:.1f} GB/s (read + write)")
@@ -209,8 +316,28 @@ def run(device: torch.device, quick: bool = False) -> list[Results]:
     merge.plot(["GBps"], label=["shape", "r", "weight"], kind="value",
                limits=harness.bandwidth_limits(device), xlabel="GB/s",
                title="LoRA merge: achieved bandwidth")
-    return [lin, merge]
+    return [lin, merge] + run_dora(device, quick)
+
+
+def _main_dora() -> None:
+    """``--dora``: only the DoRA rows; ``--dora-dtypes fp32,bf16`` picks the activations."""
+    import argparse  # noqa: PLC0415
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dora", action="store_true")
+    p.add_argument("--dora-dtypes", default="bf16,fp32")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    for r in run_dora(torch.device(args.device), args.quick, tuple(args.dora_dtypes.split(","))):
+        print(r.markdown())
+        print("written:", r.write())
 
 
 if __name__ == "__main__":
-    harness.main(run, __doc__)
+    import sys
+
+    if "--dora" in sys.argv:
+        _main_dora()
+    else:
+        harness.main(run, __doc__)

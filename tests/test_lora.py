@@ -369,18 +369,6 @@ def test_fallbacks_are_counted_and_reported():
     assert sum(lnn.fallback_counts().values()) == 4
 
 
-def test_dora_falls_back_exactly():
-    base = torch.nn.Linear(16, 12)
-    cfg = LoraConfig(r=4, lora_alpha=8, use_dora=True, init_lora_weights=False)
-    layer = peft_layer.Linear(base, "default", config=cfg, r=4, lora_alpha=8, use_dora=True)
-    twin = copy.deepcopy(layer)
-    lnn.fuse_lora(layer)
-    x = torch.randn(5, 16)
-    with pytest.warns(RuntimeWarning, match="variant"):
-        y = layer(x)
-    assert torch.equal(y, twin(x))
-
-
 @pytest.mark.parametrize("safe", [False, True])
 def test_layer_merge_unmerge(safe):
     layer = _peft_layer(40, 24, 8, torch.bfloat16, torch.float32, "frozen", False, False, dropout=0.0)

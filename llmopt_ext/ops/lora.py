@@ -350,3 +350,78 @@ def lora_linear(
 backend.register_op("lora_linear", ("triton", "cpu", "reference"),
                     {"cpu": _lora_linear_cpu, "triton": "llmopt_ext.ops.triton.lora:lora_linear",
                      "reference": reference.lora_linear})
+
+
+# ---------------------------------------------------------------------------
+# DoRA: the row norms of W + s B A in low rank
+
+def _row_blocks(w: torch.Tensor):
+    """Row blocks of a 2-D w to upcast one at a time: the CPU blocks of :func:`_blocks`
+    (L2-sized); on an accelerator one block of 2^24 elements (a few launches, 64 MiB)."""
+    if w.device.type == "cpu":
+        return _blocks(w.shape[0], w.shape[1])
+    step = max(1, (1 << 24) // max(1, w.shape[1]))
+    return [(i, min(w.shape[0], i + step)) for i in range(0, w.shape[0], step)]
+
+
+def weight_row_norm_sq(weight: torch.Tensor, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """``||W_j||^2`` per output row j, float32 (out,), as the square of the norm peft takes
+    for DoRA (``torch.linalg.norm(W^(T) + 0, dim=1)`` over float32 values, W in the layout
+    peft's sum has): at B = 0 :func:`dora_weight_norm` returns exactly that norm (the sum
+    adds exact zeros and sqrt(fl(x^2)) = |x| in binary floating point), so a DoRA adapter
+    at its initialisation (magnitude = that norm) is exactly the identity rescaling, as in
+    peft. Allocates two float32 (out, in) temporaries: meant to be cached (W is frozen)."""
+    w = weight.detach()
+    wo = w.t() if fan_in_fan_out else w
+    full = wo.to(torch.float32) + torch.zeros(wo.shape, dtype=torch.float32, device=w.device)
+    return torch.linalg.norm(full, dim=1).square_()
+
+
+def _weight_times_At(w: torch.Tensor, a: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
+    """``W A^T`` (out, r) float32 for a float32 A (r, in) and W (out, in), or W (in, out) with
+    ``fan_in_fan_out``; W is upcast by row blocks when it is not float32."""
+    if w.dtype == torch.float32:
+        return torch.mm(a, w).t() if fan_in_fan_out else torch.mm(w, a.t())
+    if fan_in_fan_out:  # sum over W's row blocks of A[:, rows] @ W[rows]: (r, out)
+        out = None
+        for i, j in _row_blocks(w):
+            part = torch.mm(a[:, i:j], w[i:j].to(torch.float32))
+            out = part if out is None else out.add_(part)
+        return out.t()
+    out = torch.empty((w.shape[0], a.shape[0]), dtype=torch.float32, device=w.device)
+    for i, j in _row_blocks(w):
+        torch.mm(w[i:j].to(torch.float32), a.t(), out=out[i:j])
+    return out
+
+
+def dora_weight_norm(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: Scalar,
+                     fan_in_fan_out: bool = False, weight_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """DoRA's ``||W + s B A||`` per output row, float32 (out,), without forming ``W + s B A``.
+
+    For output row j (W_j: (in,), B_j: (r,)):
+
+        ||W_j + s B_j A||^2 = ||W_j||^2 + 2 s (W_j A^T) . B_j + s^2 B_j (A A^T) B_j^T
+
+    i.e. ``weight_sq + 2 s rowsum((W A^T) * B) + s^2 rowsum((B (A A^T)) * B)``. ``W A^T`` is
+    (out, r): out*in*r multiply-adds (r/tokens of the base GEMM's); ``A A^T`` is (r, r). peft
+    materialises the (out, in) sum and takes its norm on every forward. ``weight_sq`` is
+    :func:`weight_row_norm_sq` (cache it: W is frozen). Everything runs in float32 (bf16 W
+    upcast by row blocks for W A^T); the result is clamped at 0 before the square root, since
+    the expansion can round a (near-)zero row below 0. Relative rounding of the squared norm
+    is about eps32 * (||W_j||^2 + 2|s W_j.(B_j A)| + s^2 ||B_j A||^2) / ||W_j + s B_j A||^2,
+    which is eps32-sized unless the adapter nearly cancels W's row (then the norm itself is
+    only good to about sqrt(eps32) ||W_j||, absolute; test_dora_weight_norm_cancelling_row
+    measures it). No gradient: DoRA detaches this norm (DoRA paper, section 4.3; peft does
+    the same)."""
+    with torch.no_grad():
+        w = weight.detach()
+        a = lora_A.detach().to(torch.float32)
+        b = lora_B.detach().to(torch.float32)
+        if weight_sq is None:
+            weight_sq = weight_row_norm_sq(w, fan_in_fan_out)
+        wa = _weight_times_At(w, a, fan_in_fan_out)  # (out, r)
+        s = scaling.reshape(()).to(device=w.device, dtype=torch.float32) if isinstance(scaling, torch.Tensor) \
+            else float(scaling)
+        cross = (wa * b).sum(1)
+        quad = ((b @ (a @ a.t())) * b).sum(1)
+        return (weight_sq + (2 * s) * cross + (s * s) * quad).clamp_min_(0.0).sqrt_()
