@@ -12,7 +12,7 @@
    fixture, ``python -m llmopt_ext.finetune.real_model``): the same comparison on
    SmolLM2-135M-Instruct fine-tuned on the embedded task's examples in its chat template, at a
    size a 2-core CPU runs in well under an hour: 400 training / 32 held-out examples,
-   sequences <= 64 tokens, batch 4, 40 steps, LoRA r=8 on all 7 projections.
+   sequences <= 64 tokens, batch 4, 20 steps, LoRA r=8 on all 7 projections.
 
     python -m bench.bench_finetune [--quick] [--device cuda]
     LLMOPT_BENCH_REAL=1 LLMOPT_BENCH_ONLY=real python -m bench.bench_finetune
@@ -20,7 +20,8 @@
 ``LLMOPT_BENCH_ONLY`` = ``layer``, ``embedded`` or ``real`` runs one part;
 ``LLMOPT_BENCH_OPTIMIZERS`` (comma-separated CLI names) restricts the non-AdamW rows;
 ``LLMOPT_BENCH_SEEDS`` (comma-separated) the seeds (then the result is named per seed, so
-one process per seed can run side by side).
+one process per seed can run side by side); ``LLMOPT_BENCH_BUDGETS=steps`` skips the
+equal-time runs.
 
 Wall-clock timing of whole runs is valid here: the loop reads the loss to the host every step
 (one synchronisation per step), so no launch is left in flight when the clock stops.
@@ -115,7 +116,7 @@ REAL_SWEEP = (2e-4, 5e-4, 1e-3, 2e-3, 5e-3)  # 5e-3 and more diverge-prone on a 
 
 def _optimizers_real(device, tmp) -> Results:
     from llmopt_ext.finetune import real_model
-    steps = 40
+    steps = 20
     size = ["--model", real_model.convert(), "--train-size", "400", "--eval-size", "32",
             "--em-samples", "4", "--max-new-tokens", "8", "--batch-size", "4",
             "--max-length", "64", "--max-steps", str(steps)]
@@ -162,7 +163,8 @@ def _optimizers(device, tmp, size, steps, quick, sweep=None, others=None,
         runs = [("adamw", ["--lr", str(lr)]) for lr in sweep] + [(o, []) for o in others]
         for opt, extra in runs:
             budgets = [("steps", [])]
-            if opt != "adamw" and best is not None:
+            if opt != "adamw" and best is not None and \
+                    os.environ.get("LLMOPT_BENCH_BUDGETS", "steps,time") != "steps":
                 budgets.append(("time", ["--max-seconds", f"{best['train']['seconds']:.3f}"]))
             for budget, cut in budgets:
                 argv = [*size, "--optimizer", opt, "--seed", str(seed), *extra, *cut]
