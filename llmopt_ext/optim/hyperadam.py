@@ -182,12 +182,23 @@ class HyperAdamW(GuardedOptimizer):
             step = (s * group["lr"]).to(ps[0].device)
             torch._foreach_mul_(d, step)
             new_p = torch._foreach_sub(p32, d)
-            keep_where(flag, m, new_m)
-            keep_where(flag, v, new_v)
-            keep_where(flag, ps, new_p)   # copy_ rounds the fp32 result once to p's dtype
-        keep_where(flag, [log_s, t], [new_log_s, t1])   # a skipped step is not counted
+            _commit(flag, m, new_m)
+            _commit(flag, v, new_v)
+            _commit(flag, ps, new_p)   # the copy rounds the fp32 result once to p's dtype
+        _commit(flag, [log_s, t], [new_log_s, t1])   # a skipped step is not counted
         self._log_step, self._t = log_s, t
         return loss
+
+
+def _commit(flag: torch.Tensor, olds: list[torch.Tensor], news: list[torch.Tensor]) -> None:
+    """``olds <- news`` unless ``flag`` says the step is skipped. On the CPU the flag is read
+    (no device to wait for) and the copy is one fused call; elsewhere ``keep_where`` decides
+    on the device, without a host sync. The values written are the same either way."""
+    if flag.device.type == "cpu":
+        if not bool(flag):
+            torch._foreach_copy_(olds, news)
+    else:
+        keep_where(flag, olds, news)
 
 
 def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
