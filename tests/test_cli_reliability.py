@@ -206,7 +206,7 @@ def _start(out, *argv):
     return p, buf
 
 
-def _wait_for_steps(p, buf, n, total, timeout=120):
+def _wait_for_steps(p, buf, n, total, timeout=300):
     """Waits until the progress bar shows at least ``n`` finished steps."""
     t0 = time.time()
     while time.time() - t0 < timeout:
