@@ -253,6 +253,8 @@ def test_signal_during_the_final_evaluation_saves(tmp_path, monkeypatch):
     the signal is sent as that evaluation starts, so the timing is exact."""
     from llmopt_ext.finetune import train as T
     real = T._evaluate
+    # the handler this process started with (SIG_IGN when started as a background job)
+    handler_before = signal.getsignal(signal.SIGINT)
 
     def evaluate(r, when):
         if when == "after":
@@ -269,7 +271,7 @@ def test_signal_during_the_final_evaluation_saves(tmp_path, monkeypatch):
     assert _run(out, "--max-steps", "3", "--resume", str(out / "checkpoint")) == 0
     r = _results(out)
     assert r["train"]["steps"] == 0 and "after" in r and "interrupted" not in r
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is handler_before  # handlers restored
 
 
 # -------------------------------------------------------------------- output dir / resume
