@@ -79,10 +79,10 @@ def _saved_bytes(fn, module) -> int:
     return total
 
 
-def _configs(shapes, tokens_list, ranks):
+def _configs(shapes, tokens_list, ranks, adapters=("fp32", "bf16")):
     """(adapters, shape, tokens, r, dropout): every shape without dropout, and p = 0.1 at the
     first shape and token count (the memory comparison: the mask is what differs)."""
-    for adt_name in ("fp32", "bf16"):
+    for adt_name in adapters:
         for in_f, out_f in shapes:
             for tokens in tokens_list:
                 for r in ranks:
@@ -101,18 +101,20 @@ def _goal_columns(row):
     row["saved_le_peft"] = bool(row["fused_saved_MB"] <= row["peft_saved_MB"])
 
 
-def _linear_rows(res, device, shapes, tokens_list, ranks, quick):
+def _linear_rows(res, device, shapes, tokens_list, ranks, quick, act=torch.bfloat16):
     lin_backend = "triton" if device.type == "cuda" else "cpu"
     reps = dict(max_reps=5 if quick else 10, min_reps=3, min_time_s=0.1)
-    for adt_name, (in_f, out_f), tokens, r, p in _configs(shapes, tokens_list, ranks):
+    for adt_name, (in_f, out_f), tokens, r, p in _configs(shapes, tokens_list, ranks,
+                                                          ("fp32", "bf16") if act == torch.bfloat16 else ("fp32",)):
         adt = torch.float32 if adt_name == "fp32" else torch.bfloat16
         torch.manual_seed(0)
-        base, plain, fused = _layers(in_f, out_f, r, torch.bfloat16, adt, device, p)
+        base, plain, fused = _layers(in_f, out_f, r, act, adt, device, p)
         plain.train(), fused.train()
-        x = torch.randn(tokens, in_f, device=device, dtype=torch.bfloat16, requires_grad=True)
-        gy = torch.randn(tokens, out_f, device=device, dtype=torch.bfloat16)
+        x = torch.randn(tokens, in_f, device=device, dtype=act, requires_grad=True)
+        gy = torch.randn(tokens, out_f, device=device, dtype=act)
         impls = {"base": base, "peft": plain, "fused": fused}
-        row = dict(shape=f"{in_f}->{out_f}", tokens=tokens, r=r, adapters=adt_name, dropout=p)
+        row = dict(shape=f"{in_f}->{out_f}", tokens=tokens, r=r, activations=str(act).replace("torch.", ""),
+                   adapters=adt_name, dropout=p)
         for name, mod in impls.items():
             with backend.use(lin_backend if name == "fused" else None):
                 def fwd(mod=mod):
@@ -296,7 +298,14 @@ def run(device: torch.device, quick: bool = False) -> list[Results]:
         shapes, tokens, ranks = LLAMA8B, [256, 2048], [16]
         lin.notes.append("CPU full run: Llama-8B shapes at 256 and 2048 tokens (not 8192) and r = 16 only "
                          "(about 15 minutes on 2 cores)")
-    _linear_rows(lin, device, shapes, tokens, ranks, quick)
+    act = torch.bfloat16
+    if not harness.native_bf16(device):
+        lin.notes.append("this CPU has no native bf16 matmul (oneDNN reference path, ~1000x slower than fp32): "
+                         + ("activations and adapters fp32 in this quick run" if quick else
+                            "bf16 rows as specified, expect hours"))
+        if quick:
+            act = torch.float32
+    _linear_rows(lin, device, shapes, tokens, ranks, quick, act)
     mm = harness.matmul_throughput(device)
     lin.notes.append(f"fused_TFLOPs: (4 T in out + 6 T r (in + out)) / fused fwd+bwd time; pct_matmul: of the "
                      f"measured bf16 matmul throughput, {mm:.3g} TFLOP/s")
