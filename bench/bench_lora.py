@@ -104,8 +104,8 @@ def _goal_columns(row):
 def _linear_rows(res, device, shapes, tokens_list, ranks, quick, act=torch.bfloat16):
     lin_backend = "triton" if device.type == "cuda" else "cpu"
     reps = dict(max_reps=5 if quick else 10, min_reps=3, min_time_s=0.1)
-    for adt_name, (in_f, out_f), tokens, r, p in _configs(shapes, tokens_list, ranks,
-                                                          ("fp32", "bf16") if act == torch.bfloat16 else ("fp32",)):
+    adapters = ("fp32", "bf16") if act == torch.bfloat16 else ("fp32",)  # bf16 adapters need bf16 x
+    for adt_name, (in_f, out_f), tokens, r, p in _configs(shapes, tokens_list, ranks, adapters):
         adt = torch.float32 if adt_name == "fp32" else torch.bfloat16
         torch.manual_seed(0)
         base, plain, fused = _layers(in_f, out_f, r, act, adt, device, p)
@@ -149,7 +149,7 @@ def _linear_rows(res, device, shapes, tokens_list, ranks, quick, act=torch.bfloa
         # fwd: base GEMM + x A^T + (xA^T) B^T; bwd: dX through W and the adapter, dA, dB
         flops = 4 * tokens * in_f * out_f + 6 * tokens * r * (in_f + out_f)
         row["fused_TFLOPs"] = flops / (row["fused_fwdbwd_ms"] * 1e-3) / 1e12
-        row["pct_matmul"] = 100 * row["fused_TFLOPs"] / harness.matmul_throughput(device)
+        row["pct_matmul"] = 100 * row["fused_TFLOPs"] / harness.matmul_throughput(device, act)
         res.add(**row)
 
 
@@ -306,9 +306,9 @@ def run(device: torch.device, quick: bool = False) -> list[Results]:
         if quick:
             act = torch.float32
     _linear_rows(lin, device, shapes, tokens, ranks, quick, act)
-    mm = harness.matmul_throughput(device)
+    mm = harness.matmul_throughput(device, act)
     lin.notes.append(f"fused_TFLOPs: (4 T in out + 6 T r (in + out)) / fused fwd+bwd time; pct_matmul: of the "
-                     f"measured bf16 matmul throughput, {mm:.3g} TFLOP/s")
+                     f"measured {str(act).replace('torch.', '')} matmul throughput, {mm:.3g} TFLOP/s")
     lin.plot(["speedup_vs_peft_fwdbwd", "speedup_vs_peft_fwd"], label=["shape", "tokens", "r", "adapters"],
              title="Fused LoRA Linear: speed-up over peft lora.Linear")
     lin.plot(["fused_vs_base_fwdbwd", "peft_vs_base_fwdbwd"], label=["shape", "tokens", "r", "adapters"],
