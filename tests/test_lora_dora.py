@@ -16,11 +16,11 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.tuners.lora import layer as peft_layer  # noqa: E402
 
 from llmopt_ext import nn as lnn  # noqa: E402
+from lora_twins import assert_close_to_oracle, fused_peft_oracle, run_grads, trainable  # noqa: E402
 from llmopt_ext.ops import lora as lora_ops  # noqa: E402
 
 Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
 
-MANT = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
 FUSED = {"1 adapter, DoRA": 1}
 
 
@@ -127,28 +127,6 @@ def _dora_layer(dtype, adt, bias=True, dropout=0.0, fif=False, seed=0, in_f=24, 
     return layer
 
 
-def _params(layer):
-    return [p for n, p in sorted(layer.named_parameters()) if p.requires_grad]
-
-
-def _run(layer, x, gy, seed=None):
-    if seed is not None:
-        torch.manual_seed(seed)
-    y = layer(x)
-    return [y] + list(torch.autograd.grad(y, [x] + _params(layer), gy))
-
-
-def _assert_close_to_oracle(got, got_peft, want, dtype):
-    """Each output within 2x peft's own error against the float64 twin, plus 4 ulps of the
-    largest value (the summation order differs)."""
-    for i, (g_ours, g_peft, w) in enumerate(zip(got, got_peft, want)):
-        assert g_ours.dtype == g_peft.dtype and g_ours.shape == g_peft.shape, i
-        err = (g_ours.double() - w).abs().max().item()
-        err_peft = (g_peft.double() - w).abs().max().item()
-        slack = 4 * 2.0 ** -MANT[dtype] * w.abs().max().item()
-        assert err <= 2 * err_peft + slack, f"output {i}: ours {err:.3g} peft {err_peft:.3g} slack {slack:.3g}"
-
-
 CASES = [  # (x/W dtype, adapter dtype, base bias, fan_in_fan_out)
     (torch.float32, torch.float32, True, False),
     (torch.float32, torch.float32, False, False),
@@ -172,18 +150,11 @@ def test_dora_matches_peft(case):
     lora_A, lora_B and the magnitude against peft's DoRA layer and its float64 twin."""
     dtype, adt, bias, fif = case
     ref = _dora_layer(dtype, adt, bias=bias, dropout=0.2, fif=fif).eval()
-    fused = copy.deepcopy(ref)
-    assert lnn.fuse_lora(fused) == 1
-    oracle = copy.deepcopy(ref).double()
-    x = torch.randn(2, 5, 24).to(dtype).requires_grad_()
-    gy = torch.randn(2, 5, 18).to(dtype)
-    want = _run(oracle, x.detach().double().requires_grad_(), gy.double())
-    got_peft = _run(ref, x, gy)
-    got = _run(fused, x, gy)
+    got, got_peft, want, x = fused_peft_oracle(ref, dtype, 24, 18)
     assert lnn.fallback_counts() == {}
     assert lnn.fused_counts() == FUSED
     assert len(got) == 2 + int(bias) + 3  # y, x, [bias], lora_A, lora_B, magnitude
-    _assert_close_to_oracle(got, got_peft, want, dtype)
+    assert_close_to_oracle(got, got_peft, want, dtype)
     # DoRA is visible: the same adapter without the magnitude rescaling gives another y
     plain = copy.deepcopy(ref)
     del plain.lora_variant["a"]
@@ -226,17 +197,17 @@ def test_dora_dropout_matches_peft(case):
     gy = torch.randn(3, 7, 18).to(dtype)
     peft_mask, h1 = _record_dropout_mask(ref)
     ours_mask, h2 = _record_dropout_mask(fused)
-    got_peft = _run(ref, x, gy, seed=11)
-    got = _run(fused, x, gy, seed=11)
+    got_peft = run_grads(ref, x, gy, seed=11)
+    got = run_grads(fused, x, gy, seed=11)
     h1.remove(), h2.remove()
     assert torch.equal(ours_mask["mask"], peft_mask["mask"])
     assert not peft_mask["mask"][peft_mask["input_nonzero"]].all()  # some elements were dropped
     oracle = copy.deepcopy(ref).double()
     oracle.lora_dropout["a"] = _FixedMask(peft_mask["mask"], p)
-    want = _run(oracle, x.detach().double().requires_grad_(), gy.double())
+    want = run_grads(oracle, x.detach().double().requires_grad_(), gy.double())
     assert lnn.fallback_counts() == {}
     assert lnn.fused_counts() == FUSED
-    _assert_close_to_oracle(got, got_peft, want, dtype)
+    assert_close_to_oracle(got, got_peft, want, dtype)
     with torch.no_grad():  # the dropout is live: eval differs
         assert not torch.allclose(fused.eval()(x), got[0])
 
@@ -280,7 +251,7 @@ def test_dora_double_backward_matches_peft(dropout):
     x = torch.randn(5, 24)
     out = []
     for layer in (ref, fused):
-        params = _params(layer)
+        params = trainable(layer)
         torch.manual_seed(2)
         loss = layer(x).square().sum()
         grads = torch.autograd.grad(loss, params, create_graph=True)
@@ -305,7 +276,7 @@ def test_dora_first_then_plain_lora_matches_peft():
     lnn.fuse_lora(fused)
     x = torch.randn(4, 24, requires_grad=True)
     gy = torch.randn(4, 18)
-    want, got = _run(ref, x, gy), _run(fused, x, gy)
+    want, got = run_grads(ref, x, gy), run_grads(fused, x, gy)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert lnn.fused_counts() == {"2 adapters, DoRA": 1} and lnn.fallback_counts() == {}
@@ -323,17 +294,17 @@ def test_dora_autocast_matches_peft(p):
     peft_mask, h1 = _record_dropout_mask(ref)
     ours_mask, h2 = _record_dropout_mask(fused)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got_peft = _run(ref, x, gy, seed=4)
-        got = _run(fused, x, gy, seed=4)
+        got_peft = run_grads(ref, x, gy, seed=4)
+        got = run_grads(fused, x, gy, seed=4)
     h1.remove(), h2.remove()
     oracle = copy.deepcopy(ref).double()
     if p > 0:
         assert torch.equal(ours_mask["mask"], peft_mask["mask"])
         oracle.lora_dropout["a"] = _FixedMask(peft_mask["mask"], p)
-    want = _run(oracle, x.detach().double().requires_grad_(), gy.double())
+    want = run_grads(oracle, x.detach().double().requires_grad_(), gy.double())
     assert got[0].dtype == got_peft[0].dtype == torch.bfloat16
     assert lnn.fallback_counts() == {} and lnn.fused_counts() == FUSED
-    _assert_close_to_oracle(got, got_peft, want, torch.bfloat16)
+    assert_close_to_oracle(got, got_peft, want, torch.bfloat16)
 
 
 def test_dora_after_another_adapter_is_left_to_peft():
@@ -505,13 +476,13 @@ def test_dora_compile_fullgraph(dropout):
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     y = compiled(x)
     y.square().sum().backward()
-    grads = [p.grad.clone() for p in _params(layer)]
-    for p in _params(layer):
+    grads = [p.grad.clone() for p in trainable(layer)]
+    for p in trainable(layer):
         p.grad = None
     want = layer(x.detach())
     want.square().sum().backward()
     torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6)
-    for g, p in zip(grads, _params(layer)):
+    for g, p in zip(grads, trainable(layer)):
         torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)
     if dropout:  # training with dropout traces too
         layer.train()

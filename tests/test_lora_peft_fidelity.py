@@ -15,8 +15,8 @@ from peft import LoHaConfig, LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.tuners.lora import layer as peft_layer  # noqa: E402
 
 from llmopt_ext import nn as lnn  # noqa: E402
+from lora_twins import assert_close_to_oracle, fused_peft_oracle, trainable  # noqa: E402
 
-MANT = {torch.float32: 23, torch.bfloat16: 7}
 
 
 class MLP(nn.Module):
@@ -161,15 +161,6 @@ def _layer(dtype, adt, n_adapters, lora_bias, dropout, seed=0):
     return layer
 
 
-def _params(layer):
-    return [p for n, p in sorted(layer.named_parameters()) if p.requires_grad]
-
-
-def _run(layer, x, gy):
-    y = layer(x)
-    return [y] + list(torch.autograd.grad(y, [x] + _params(layer), gy))
-
-
 WIDE_CASES = [  # (x/W dtype, adapter dtype, active adapters, lora_bias)
     (torch.float32, torch.float32, 1, True),
     (torch.float32, torch.float32, 2, False),
@@ -186,24 +177,12 @@ def test_widened_fused_path_matches_peft(case):
     twin (plus 4 ulps of the largest value for the different summation order)."""
     dtype, adt, n, lora_bias = case
     ref = _layer(dtype, adt, n, lora_bias, dropout=0.1).eval()
-    fused = copy.deepcopy(ref)
-    assert lnn.fuse_lora(fused) == 1
-    oracle = copy.deepcopy(ref).double()
-    x = torch.randn(2, 5, 24).to(dtype).requires_grad_()
-    gy = torch.randn(2, 5, 18).to(dtype)
-    want = _run(oracle, x.detach().double().requires_grad_(), gy.double())
-    got_peft = _run(ref, x, gy)
-    got = _run(fused, x, gy)
+    got, got_peft, want, _ = fused_peft_oracle(ref, dtype, 24, 18)
     assert lnn.fallback_counts() == {}
     kind = f"{n} adapter{'s' if n > 1 else ''}" + (", lora_bias" if lora_bias else "")
     assert lnn.fused_counts() == {kind: 1}
     assert len(got) == 2 + (3 if lora_bias else 2) * n
-    for i, (g_ours, g_peft, w) in enumerate(zip(got, got_peft, want)):
-        assert g_ours.dtype == g_peft.dtype and g_ours.shape == g_peft.shape, i
-        err = (g_ours.double() - w).abs().max().item()
-        err_peft = (g_peft.double() - w).abs().max().item()
-        slack = 4 * 2.0 ** -MANT[dtype] * w.abs().max().item()
-        assert err <= 2 * err_peft + slack, f"output {i}: ours {err:.3g} peft {err_peft:.3g}"
+    assert_close_to_oracle(got, got_peft, want, dtype)
 
 
 def test_widened_fused_path_dropout_is_consistent():
@@ -222,7 +201,7 @@ def test_widened_fused_path_dropout_is_consistent():
         return layer(x_in)
 
     y = f(x)
-    params = _params(layer)
+    params = trainable(layer)
     grads = torch.autograd.grad(y, [x] + params, gy)
     with torch.no_grad():
         for t, g in zip([x] + params, grads):
