@@ -41,7 +41,9 @@ def test_dora_weight_norm_matches_materialised(wdt, fif, tensor_scale):
     """||W + s B A|| per output row from the low-rank expansion vs the float64 norm of the
     materialised sum: float32 accuracy (W exactly upcast), for bf16 W too."""
     g = torch.Generator().manual_seed(0)
-    out_f, in_f, r = 70, 1000, 6  # more than one upcast row block of bf16 W, (out, in) or (in, out)
+    # several upcast row blocks of bf16 W (2^20 elements each), the last one ragged: (out, in)
+    # blocks of 1048 rows (2 + 4 rows), (in, out) blocks of 499 rows (2 + 2 rows)
+    out_f, in_f, r = 2100, 1000, 6
     w = torch.randn(out_f, in_f, generator=g).to(wdt)
     a = torch.randn(r, in_f, generator=g) * 0.3
     b = torch.randn(out_f, r, generator=g) * 0.3
