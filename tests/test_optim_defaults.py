@@ -1,7 +1,8 @@
 """Every project optimizer at its CLI defaults, on the embedded model and on the real one
 (SmolLM2-135M-Instruct), two seeds: the eval loss after a short run is below the loss
-before it (no divergence at defaults), except where measured otherwise (KNOWN_DIVERGENT_ON_REAL). The learning-rate-free ones refuse ``--lr`` and have
-no ``lr`` argument: their claim holds by construction.
+before it (no divergence at defaults), except where measured otherwise
+(KNOWN_DIVERGENT_ON_REAL). The learning-rate-free ones refuse ``--lr`` and have no ``lr``
+argument: their claim holds by construction.
 
 Short runs: these check that a default does not blow up on a model it was not tuned on,
 not how well it trains (``bench/bench_finetune.py`` measures that)."""
