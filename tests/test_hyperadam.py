@@ -15,6 +15,8 @@ import torch
 
 from llmopt_ext.optim import HyperAdamW
 
+from finetune_runs import run_cli
+
 
 def _quadratic(n=20, seed=0, scale=1.0):
     g = torch.Generator().manual_seed(seed)
@@ -199,18 +201,7 @@ def test_ddp_two_gloo_processes_stay_identical_and_match_one_process():
 # ---------------------------------------------------------------------------- the CLI defaults
 
 def _cli(tmp_path, argv):
-    import contextlib
-    import io
-    from llmopt_ext.finetune.cli import build_parser
-    from llmopt_ext.finetune.train import run
-    args = build_parser().parse_args(["--output-dir", str(tmp_path / "o"), "--no-progress",
-                                      "--threads", "2", "--optimizer", "hyperadamw", *argv])
-    n = torch.get_num_threads()
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            return run(args)
-    finally:
-        torch.set_num_threads(n)
+    return run_cli(tmp_path, "hyperadamw", argv, threads=2)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

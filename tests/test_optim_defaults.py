@@ -8,28 +8,18 @@ Short runs: these check that a default does not blow up on a model it was not tu
 not how well it trains (``bench/bench_finetune.py`` measures that)."""
 from __future__ import annotations
 
-import contextlib
 import inspect
-import io
 
 import pytest
-import torch
+
+from finetune_runs import run_cli
 
 PROJECT = ("hyperadamw", "golore", "sophiag", "sophiah", "adahessian", "oasis", "aisarah", "trcg")
 LR_FREE = ("hyperadamw", "aisarah", "trcg")
 
 
 def _run(tmp_path, opt, argv):
-    from llmopt_ext.finetune.cli import build_parser
-    from llmopt_ext.finetune.train import run
-    args = build_parser().parse_args(["--output-dir", str(tmp_path / "o"), "--no-progress",
-                                      "--threads", "1", "--optimizer", opt, *argv])
-    n = torch.get_num_threads()
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            return run(args)
-    finally:
-        torch.set_num_threads(n)
+    return run_cli(tmp_path, opt, argv)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
