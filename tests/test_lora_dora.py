@@ -16,8 +16,9 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.tuners.lora import layer as peft_layer  # noqa: E402
 
 from llmopt_ext import nn as lnn  # noqa: E402
-from lora_twins import assert_close_to_oracle, fused_peft_oracle, run_grads, trainable  # noqa: E402
 from llmopt_ext.ops import lora as lora_ops  # noqa: E402
+
+from lora_twins import assert_close_to_oracle, fused_peft_oracle, run_grads, trainable  # noqa: E402
 
 Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
 

@@ -15,6 +15,7 @@ from peft import LoHaConfig, LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.tuners.lora import layer as peft_layer  # noqa: E402
 
 from llmopt_ext import nn as lnn  # noqa: E402
+
 from lora_twins import assert_close_to_oracle, fused_peft_oracle, trainable  # noqa: E402
 
 

@@ -369,6 +369,8 @@ def _row_blocks(w: torch.Tensor):
 
 def _upcast_rows(w: torch.Tensor, blocks) -> Iterator[tuple[int, int, torch.Tensor]]:
     """(i, j, float32 copy of w[i:j]) for each block, through one reused buffer."""
+    if not blocks:  # a W with no rows
+        return
     buf = torch.empty((blocks[0][1] - blocks[0][0], w.shape[1]), dtype=torch.float32, device=w.device)
     for i, j in blocks:
         yield i, j, buf[: j - i].copy_(w[i:j])
