@@ -232,9 +232,17 @@ def _dora_rows(res, device, tokens, dtypes, quick):
 
 
 def run_dora(device: torch.device, quick: bool = False, dtypes=("bf16", "fp32")) -> list[Results]:
-    """The DoRA rows alone (single-threaded on CPU)."""
+    """The DoRA rows alone (single-threaded on CPU; the thread count is restored after)."""
+    threads = torch.get_num_threads()
     if device.type == "cpu":
         torch.set_num_threads(1)
+    try:
+        return _run_dora(device, quick, dtypes)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_dora(device: torch.device, quick: bool, dtypes) -> list[Results]:
     dora = Results("lora_dora", device, title="Fused DoRA Linear vs peft's DoRA and the fused LoRA layer")
     dora.notes.append("times in ms: median over `rounds` rounds of one call per implementation, "
                       "interleaved; saved_MB = bytes autograd keeps for backward (parameters "

@@ -365,6 +365,26 @@ def test_in_features_zero_same_error_everywhere(b):
             ops.lora_linear(x, w, None, a, bb, 1.0)
 
 
+@pytest.mark.parametrize("b", _BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_adapter_backward_x_only(b, dtype):
+    """Only x needs a gradient (the adapter frozen, e.g. another adapter trains): dX alone,
+    equal to the float64 reference's. The CPU bwd op once returned one shared empty tensor
+    for dA and dB here, which torch rejects as aliased outputs of a custom op."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 12, generator=g).to(dtype).requires_grad_()
+    w = torch.randn(7, 12, generator=g).to(dtype)
+    a, bb = torch.randn(4, 12, generator=g), torch.randn(7, 4, generator=g)
+    dy = torch.randn(9, 7, generator=g).to(dtype)
+    with backend.use(b):
+        ops.lora_linear(x, w, None, a, bb, 0.5).backward(dy)
+    x64 = x.detach().double().requires_grad_()
+    (x64 @ w.double().t() + 0.5 * (x64 @ a.double().t()) @ bb.double().t()).backward(dy.double())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert a.grad is None and bb.grad is None
+    assert torch.allclose(x.grad.double(), x64.grad, rtol=tol, atol=tol)
+
+
 @needs_c
 @pytest.mark.parametrize("p", [0.0, 0.25])
 def test_double_backward_matches_reference(p):

@@ -19,13 +19,19 @@ namespace {
 
 // Independent double accumulators per range: the compiler vectorises the lane
 // loop, and the fixed lane assignment makes the summation order (and thus the
-// result) independent of the vector width a clone uses.
-constexpr int kLanes = 8;
+// result) independent of the vector width a clone uses. 32 lanes are four
+// AVX-512 (eight AVX2) accumulators: four add chains in flight hide the add
+// latency, where one chain of 8 lanes ran mt_dot at half the bandwidth of
+// torch.dot (5.2 vs 2.5 ms on 2 x 8.4M fp32, one thread).
+constexpr int kLanes = 32;
 
+// Pairwise sum of the lanes, in a fixed tree.
 LLMOPT_INLINE double lane_sum(const double* acc) {
   double s[kLanes / 2];
   for (int j = 0; j < kLanes / 2; ++j) s[j] = acc[j] + acc[j + kLanes / 2];
-  return (s[0] + s[2]) + (s[1] + s[3]);
+  for (int w = kLanes / 4; w >= 1; w /= 2)
+    for (int j = 0; j < w; ++j) s[j] = s[j] + s[j + w];
+  return s[0];
 }
 
 template <class T>

@@ -1,10 +1,10 @@
 // Philox Gaussian generator for random Stiefel matrices (CUDA).
 //
 // One thread per Philox counter block (4 normals, one 16-byte store). The
-// Box-Muller transform runs in double so the result matches the CPU kernel
-// and the PyTorch reference bit for bit (csrc/common/philox.h); on H100 double
-// log/sincos cost ~2x the float versions, still far below the
-// orthonormalisation that follows (compile-checked only on this machine).
+// float32 Box-Muller transform uses only round-to-nearest intrinsics
+// (__fadd_rn/__fmul_rn, IEEE / and sqrtf), so the result matches the CPU kernel
+// and the PyTorch reference bit for bit (csrc/common/philox.h). Compile-checked
+// only on this machine.
 #include "stiefel_cuda.h"
 
 #include <algorithm>

@@ -213,7 +213,8 @@ def lora_linear_cpu_bwd(
     p = dropout_p if seed is not None else 0.0
     dy, x2 = _rows(dy), _rows(x2)
     g = _down(dy, lora_B, s, 0, 0.0)  # s dY B: (tokens, r) float32
-    dx = da = db = x2.new_empty((0,))
+    # three distinct empties: outputs of a custom op may not alias one another
+    dx, da, db = (x2.new_empty((0,)) for _ in range(3))
     if need_x:
         dt = dy.dtype
         low = torch.mm(g.to(dt), lora_A.to(dt))

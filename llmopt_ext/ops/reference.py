@@ -373,10 +373,70 @@ def philox4x32(c0, c1, c2, c3, k0: int, k1: int):
     return c0, c1, c2, c3
 
 
+def _f32(x: float) -> torch.Tensor:
+    """A float64 constant rounded to nearest float32 (as the C++ kernels' static_casts)."""
+    return torch.tensor(x, dtype=torch.float64).to(torch.float32)
+
+
+# The float32 Box-Muller constants of csrc/common/philox.h, rounded the same way.
+_BM = {
+    "two_m24": _f32(2.0**-24), "ln2_hi": _f32(0.693145751953125),
+    "ln2_lo": _f32(1.4286068203094172321214581765680755e-06),
+    "half_pi": _f32(math.pi / 2), "sqrt_half": _f32(math.sqrt(0.5)),
+    "l": [_f32(2.0 / k) for k in (3, 5, 7, 9, 11)],
+    "s": [_f32((-1.0) ** (k // 2) / math.factorial(k)) for k in (3, 5, 7, 9, 11, 13)],
+    "c": [_f32((-1.0) ** (k // 2) / math.factorial(k)) for k in (2, 4, 6, 8, 10, 12)],
+}
+_SQRT_HALF_BITS = 0x3F3504F3
+
+
+def _horner(x2: torch.Tensor, coeffs) -> torch.Tensor:
+    """c0 + x2 (c1 + x2 (c2 + ...)), each + and * rounded separately (no FMA)."""
+    p = coeffs[-1].to(x2.device) * x2
+    for c in reversed(coeffs[1:-1]):
+        p = (p + c.to(x2.device)) * x2
+    return p + coeffs[0].to(x2.device)
+
+
+def box_muller_f32(a: torch.Tensor, b: torch.Tensor):
+    """Box-Muller on Philox words a, b (int64 tensors of uint32) in float32, the op sequence of
+    csrc/common/philox.h: u = (2 (a >> 9) + 1) 2^-24, rho = sqrt(-2 ln u) with ln by exponent
+    split and the atanh series; theta = (b >> 30) pi/2 + pi/4 + x, sin x / cos x by Taylor
+    series. Every step one IEEE float32 operation, so the result is the kernels' to the bit."""
+    dev = a.device
+    k = {n: v.to(dev) for n, v in _BM.items() if not isinstance(v, list)}
+    u = (2 * (a >> 9) + 1).to(torch.float32) * k["two_m24"]
+    bits = u.view(torch.int32)
+    e = (bits - _SQRT_HALF_BITS) >> 23
+    m = (bits - e * (1 << 23)).view(torch.float32)
+    f = m - 1.0
+    s = f / (f + 2.0)
+    s2 = s * s
+    ln_m = (s + s) + s * (s2 * _horner(s2, _BM["l"]))
+    ef = e.to(torch.float32)
+    ln_u = ef * k["ln2_hi"] + (ln_m + ef * k["ln2_lo"])
+    # torch's float32 sqrt is not always correctly rounded on CPU (vectorised, within 1 ulp);
+    # the float64 one rounded to float32 is (53 >= 2 * 24 + 2 bits: no double-rounding error).
+    rho = torch.sqrt((ln_u * -2.0).double()).to(torch.float32)
+    q = b >> 30
+    t = (2 * ((b >> 7) & 0x7FFFFF) + 1).to(torch.float32) * k["two_m24"]
+    x = (t - 0.5) * k["half_pi"]
+    x2 = x * x
+    sn = x + x * (x2 * _horner(x2, _BM["s"]))
+    cs = x2 * _horner(x2, _BM["c"]) + 1.0
+    c1 = (cs - sn) * k["sqrt_half"]
+    s1 = (cs + sn) * k["sqrt_half"]
+    odd = (q & 1) == 1
+    cq, sq = torch.where(odd, s1, c1), torch.where(odd, c1, s1)
+    cos_t = torch.where((q == 1) | (q == 2), -cq, cq)
+    sin_t = torch.where(q >= 2, -sq, sq)
+    return rho * cos_t, rho * sin_t
+
+
 def philox_normal_(out: torch.Tensor, seed: int, offset: int) -> None:
     """Fill contiguous float32 `out` with N(0, 1) variates: flat element i is a pure function of
     (seed, offset, i) — Philox-4x32-10 with counter (i // 4, offset) and key seed, then
-    Box-Muller in float64 on lanes (0, 1) and (2, 3), rounded once to float32."""
+    Box-Muller in float32 (:func:`box_muller_f32`) on lanes (0, 1) and (2, 3)."""
     check_philox_normal(out, seed, offset)
     n = out.numel()
     if n == 0:
@@ -386,13 +446,8 @@ def philox_normal_(out: torch.Tensor, seed: int, offset: int) -> None:
     c2 = torch.full_like(blocks, offset & _MASK32)
     c3 = torch.full_like(blocks, (offset >> 32) & _MASK32)
     u = philox4x32(c0, c1, c2, c3, seed & _MASK32, (seed >> 32) & _MASK32)
-    unif = [(x.to(torch.float64) + 0.5) * 2.0**-32 for x in u]
-    z = []
-    for a, b in ((unif[0], unif[1]), (unif[2], unif[3])):
-        rho = torch.sqrt(-2.0 * torch.log(a))
-        theta = (2.0 * math.pi) * b
-        z += [rho * torch.cos(theta), rho * torch.sin(theta)]
-    out.copy_(torch.stack(z, dim=1).reshape(-1)[:n].to(torch.float32).view(out.shape))
+    z = [*box_muller_f32(u[0], u[1]), *box_muller_f32(u[2], u[3])]
+    out.copy_(torch.stack(z, dim=1).reshape(-1)[:n].view(out.shape))
 
 
 def householder_orthonormalize(x: torch.Tensor) -> torch.Tensor:

@@ -42,9 +42,9 @@ def philox_normal_(out: torch.Tensor, seed: int, offset: int = 0) -> torch.Tenso
     """Fill contiguous float32 ``out`` in place with standard normal variates.
 
     Flat element ``i`` is a pure function of ``(seed, offset, i)`` (Philox-4x32-10 counter
-    ``(i // 4, offset)``, key ``seed``), identical on every backend up to the last bit of a
-    float64 libm call. Use distinct ``offset`` values for independent streams of one seed.
-    Returns ``out``.
+    ``(i // 4, offset)``, key ``seed``; Box-Muller in float32 from IEEE +, *, /, sqrt only),
+    identical to the bit on every backend. Use distinct ``offset`` values for independent
+    streams of one seed. Returns ``out``.
     """
     op = "philox_normal_"
     if not isinstance(out, torch.Tensor):
