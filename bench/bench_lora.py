@@ -103,7 +103,9 @@ def _goal_columns(row):
 
 def _linear_rows(res, device, shapes, tokens_list, ranks, quick, act=torch.bfloat16):
     lin_backend = "triton" if device.type == "cuda" else "cpu"
-    reps = dict(max_reps=5 if quick else 10, min_reps=3, min_time_s=0.1)
+    # at least 5 calls each: a 2048-token call takes 0.1-0.4 s, and 3 let one page-faulting
+    # call decide a median
+    reps = dict(max_reps=5 if quick else 10, min_reps=3 if quick else 5, min_time_s=0.1)
     adapters = ("fp32", "bf16") if act == torch.bfloat16 else ("fp32",)  # bf16 adapters need bf16 x
     for adt_name, (in_f, out_f), tokens, r, p in _configs(shapes, tokens_list, ranks, adapters):
         adt = torch.float32 if adt_name == "fp32" else torch.bfloat16
