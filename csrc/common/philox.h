@@ -80,23 +80,14 @@ LLMOPT_HD float mul_rn(float a, float b) {
   return a * b;
 #endif
 }
-LLMOPT_HD float as_float(int32_t i) {
-#if defined(__CUDA_ARCH__)
-  return __int_as_float(i);
-#else
-  float f;
-  __builtin_memcpy(&f, &i, sizeof f);
-  return f;
-#endif
-}
-LLMOPT_HD int32_t as_int(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_int(f);
-#else
-  int32_t i;
-  __builtin_memcpy(&i, &f, sizeof i);
-  return i;
-#endif
+// The bits of a float32 as int32 and back (memcpy: defined behaviour, and a
+// register move on both host and device).
+template <class To, class From>
+LLMOPT_HD To bit_cast(From v) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast: sizes differ");
+  To t;
+  memcpy(&t, &v, sizeof t);
+  return t;
 }
 
 // The transform's constants: each a double rounded to nearest float32 (the
@@ -132,9 +123,9 @@ LLMOPT_HD void box_muller(uint32_t a, uint32_t b, float* z0, float* z1) {
   using C = Consts;
   // rho = sqrt(-2 ln u)
   const float u = mul_rn(static_cast<float>(static_cast<int32_t>(2 * (a >> 9) + 1)), C::kTwoM24);
-  const int32_t bits = as_int(u);
+  const int32_t bits = bit_cast<int32_t>(u);
   const int32_t e = (bits - C::kSqrtHalfBits) >> 23;  // arithmetic shift: floor
-  const float m = as_float(bits - e * (1 << 23));
+  const float m = bit_cast<float>(bits - e * (1 << 23));
   const float f = add_rn(m, -1.0f);                   // exact (Sterbenz)
   const float s = f / add_rn(f, 2.0f);
   const float s2 = mul_rn(s, s);

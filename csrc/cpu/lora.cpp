@@ -17,14 +17,31 @@ LLMOPT_INLINE float ldf(const void* base, int64_t i) {
 
 // acc[c] = sum_j p[j] * q[j * ld + c] for c < n, float32, j in order. The
 // loop over c vectorises; -ffp-contract=off keeps mul and add separate (the
-// CUDA kernel uses __fmul_rn/__fadd_rn for the same bits).
+// CUDA kernel uses __fmul_rn/__fadd_rn for the same bits). Columns go in
+// register blocks of kColBlock: the block's partial sums stay in vector
+// registers across all r terms (one load of q per term), where a sweep of
+// acc per term loaded and stored acc r times (merge ran at 13-39% of copy
+// bandwidth). The order of the terms per element, and so every bit, is the same.
+constexpr int64_t kColBlock = 64;
+
 LLMOPT_INLINE void accumulate(float* __restrict acc, const float* __restrict p,
                               const float* __restrict q, int64_t ld, int64_t r, int64_t n) {
-  for (int64_t c = 0; c < n; ++c) acc[c] = 0.0f;
+  int64_t c0 = 0;
+  for (; c0 + kColBlock <= n; c0 += kColBlock) {
+    float blk[kColBlock];
+    for (int64_t c = 0; c < kColBlock; ++c) blk[c] = 0.0f;
+    for (int64_t j = 0; j < r; ++j) {
+      const float pj = p[j];
+      const float* qj = q + j * ld + c0;
+      for (int64_t c = 0; c < kColBlock; ++c) blk[c] = blk[c] + pj * qj[c];
+    }
+    for (int64_t c = 0; c < kColBlock; ++c) acc[c0 + c] = blk[c];
+  }
+  for (int64_t c = c0; c < n; ++c) acc[c] = 0.0f;
   for (int64_t j = 0; j < r; ++j) {
     const float pj = p[j];
     const float* qj = q + j * ld;
-    for (int64_t c = 0; c < n; ++c) acc[c] = acc[c] + pj * qj[c];
+    for (int64_t c = c0; c < n; ++c) acc[c] = acc[c] + pj * qj[c];
   }
 }
 
@@ -37,7 +54,7 @@ LLMOPT_INLINE void apply(T* __restrict w, const float* __restrict acc, int64_t n
   }
 }
 
-LLMOPT_CLONES_AVX2 void accumulate_c(float* acc, const float* p, const float* q, int64_t ld, int64_t r,
+LLMOPT_CLONES void accumulate_c(float* acc, const float* p, const float* q, int64_t ld, int64_t r,
                                 int64_t n) {
   accumulate(acc, p, q, ld, r, n);
 }
