@@ -15,18 +15,14 @@
 
 #include <cmath>
 
+#include "float_rn.h"  // LLMOPT_MUL / LLMOPT_ADD / LLMOPT_SUB
+
 #if defined(__CUDACC__)
 #define LLMOPT_HD __host__ __device__ __forceinline__
 #define LLMOPT_ELEM __device__ __forceinline__  // uses the __f*_rn intrinsics
-#define LLMOPT_MUL(a, b) __fmul_rn((a), (b))
-#define LLMOPT_ADD(a, b) __fadd_rn((a), (b))
-#define LLMOPT_SUB(a, b) __fsub_rn((a), (b))
 #else
 #define LLMOPT_HD inline __attribute__((always_inline))
 #define LLMOPT_ELEM LLMOPT_HD
-#define LLMOPT_MUL(a, b) ((a) * (b))
-#define LLMOPT_ADD(a, b) ((a) + (b))
-#define LLMOPT_SUB(a, b) ((a) - (b))
 #endif
 
 namespace llmopt_ext {

@@ -9,8 +9,7 @@
 // Normal variates come from Box-Muller evaluated in float32 with this file's
 // own log, sin and cos: only integer ops and IEEE-754 float32 +, -, *, / and
 // sqrt, each rounded to nearest, in one fixed order, no fused multiply-add
-// (-ffp-contract=off on the host; __fadd_rn/__fmul_rn on the device, which nvcc
-// never contracts). So the CPU kernel, the CUDA kernel and the PyTorch
+// (csrc/common/float_rn.h). So the CPU kernel, the CUDA kernel and the PyTorch
 // reference agree to the last bit, by construction. Accuracy: |z - exact| <=
 // 2.1 float32 ulps of rho against the exact Box-Muller of the same uniforms
 // (measured over 2^21 pairs; tests/test_stiefel.py bounds it by 4).
@@ -33,6 +32,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+
+#include "float_rn.h"  // LLMOPT_ADD / LLMOPT_MUL: IEEE-rounded, never an FMA
 
 #if defined(__CUDACC__)
 #define LLMOPT_HD __host__ __device__ __forceinline__
@@ -65,21 +66,6 @@ LLMOPT_HD U4 philox4x32(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint
   return U4{{c0, c1, c2, c3}};
 }
 
-// float32 +, * that are never fused into an FMA (see the top of this file).
-LLMOPT_HD float add_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-LLMOPT_HD float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
 // The bits of a float32 as int32 and back (memcpy: defined behaviour, and a
 // register move on both host and device).
 template <class To, class From>
@@ -122,48 +108,48 @@ struct Consts {
 LLMOPT_HD void box_muller(uint32_t a, uint32_t b, float* z0, float* z1) {
   using C = Consts;
   // rho = sqrt(-2 ln u)
-  const float u = mul_rn(static_cast<float>(static_cast<int32_t>(2 * (a >> 9) + 1)), C::kTwoM24);
+  const float u = LLMOPT_MUL(static_cast<float>(static_cast<int32_t>(2 * (a >> 9) + 1)), C::kTwoM24);
   const int32_t bits = bit_cast<int32_t>(u);
   const int32_t e = (bits - C::kSqrtHalfBits) >> 23;  // arithmetic shift: floor
   const float m = bit_cast<float>(bits - e * (1 << 23));
-  const float f = add_rn(m, -1.0f);                   // exact (Sterbenz)
-  const float s = f / add_rn(f, 2.0f);
-  const float s2 = mul_rn(s, s);
-  float p = add_rn(C::kL9, mul_rn(s2, C::kL11));
-  p = add_rn(C::kL7, mul_rn(s2, p));
-  p = add_rn(C::kL5, mul_rn(s2, p));
-  p = add_rn(C::kL3, mul_rn(s2, p));
-  const float ln_m = add_rn(add_rn(s, s), mul_rn(s, mul_rn(s2, p)));
+  const float f = LLMOPT_ADD(m, -1.0f);                   // exact (Sterbenz)
+  const float s = f / LLMOPT_ADD(f, 2.0f);
+  const float s2 = LLMOPT_MUL(s, s);
+  float p = LLMOPT_ADD(C::kL9, LLMOPT_MUL(s2, C::kL11));
+  p = LLMOPT_ADD(C::kL7, LLMOPT_MUL(s2, p));
+  p = LLMOPT_ADD(C::kL5, LLMOPT_MUL(s2, p));
+  p = LLMOPT_ADD(C::kL3, LLMOPT_MUL(s2, p));
+  const float ln_m = LLMOPT_ADD(LLMOPT_ADD(s, s), LLMOPT_MUL(s, LLMOPT_MUL(s2, p)));
   const float ef = static_cast<float>(e);
-  const float ln_u = add_rn(mul_rn(ef, C::kLn2Hi), add_rn(ln_m, mul_rn(ef, C::kLn2Lo)));
-  const float rho = sqrtf(mul_rn(-2.0f, ln_u));
+  const float ln_u = LLMOPT_ADD(LLMOPT_MUL(ef, C::kLn2Hi), LLMOPT_ADD(ln_m, LLMOPT_MUL(ef, C::kLn2Lo)));
+  const float rho = sqrtf(LLMOPT_MUL(-2.0f, ln_u));
   // sin and cos of x in (-pi/4, pi/4)
   const int32_t q = static_cast<int32_t>(b >> 30);
-  const float t = mul_rn(static_cast<float>(static_cast<int32_t>(2 * ((b >> 7) & 0x7FFFFFu) + 1)),
+  const float t = LLMOPT_MUL(static_cast<float>(static_cast<int32_t>(2 * ((b >> 7) & 0x7FFFFFu) + 1)),
                          C::kTwoM24);
-  const float x = mul_rn(add_rn(t, -0.5f), C::kHalfPi);  // t - 1/2 is exact
-  const float x2 = mul_rn(x, x);
-  float ps = add_rn(C::kS11, mul_rn(x2, C::kS13));
-  ps = add_rn(C::kS9, mul_rn(x2, ps));
-  ps = add_rn(C::kS7, mul_rn(x2, ps));
-  ps = add_rn(C::kS5, mul_rn(x2, ps));
-  ps = add_rn(C::kS3, mul_rn(x2, ps));
-  const float sn = add_rn(x, mul_rn(x, mul_rn(x2, ps)));
-  float pc = add_rn(C::kC10, mul_rn(x2, C::kC12));
-  pc = add_rn(C::kC8, mul_rn(x2, pc));
-  pc = add_rn(C::kC6, mul_rn(x2, pc));
-  pc = add_rn(C::kC4, mul_rn(x2, pc));
-  pc = add_rn(C::kC2, mul_rn(x2, pc));
-  const float cs = add_rn(1.0f, mul_rn(x2, pc));
+  const float x = LLMOPT_MUL(LLMOPT_ADD(t, -0.5f), C::kHalfPi);  // t - 1/2 is exact
+  const float x2 = LLMOPT_MUL(x, x);
+  float ps = LLMOPT_ADD(C::kS11, LLMOPT_MUL(x2, C::kS13));
+  ps = LLMOPT_ADD(C::kS9, LLMOPT_MUL(x2, ps));
+  ps = LLMOPT_ADD(C::kS7, LLMOPT_MUL(x2, ps));
+  ps = LLMOPT_ADD(C::kS5, LLMOPT_MUL(x2, ps));
+  ps = LLMOPT_ADD(C::kS3, LLMOPT_MUL(x2, ps));
+  const float sn = LLMOPT_ADD(x, LLMOPT_MUL(x, LLMOPT_MUL(x2, ps)));
+  float pc = LLMOPT_ADD(C::kC10, LLMOPT_MUL(x2, C::kC12));
+  pc = LLMOPT_ADD(C::kC8, LLMOPT_MUL(x2, pc));
+  pc = LLMOPT_ADD(C::kC6, LLMOPT_MUL(x2, pc));
+  pc = LLMOPT_ADD(C::kC4, LLMOPT_MUL(x2, pc));
+  pc = LLMOPT_ADD(C::kC2, LLMOPT_MUL(x2, pc));
+  const float cs = LLMOPT_ADD(1.0f, LLMOPT_MUL(x2, pc));
   // cos, sin of pi/4 + x, then of the quadrant
-  const float c1 = mul_rn(add_rn(cs, -sn), C::kSqrtHalf);
-  const float s1 = mul_rn(add_rn(cs, sn), C::kSqrtHalf);
+  const float c1 = LLMOPT_MUL(LLMOPT_ADD(cs, -sn), C::kSqrtHalf);
+  const float s1 = LLMOPT_MUL(LLMOPT_ADD(cs, sn), C::kSqrtHalf);
   const float cq = (q & 1) ? s1 : c1;
   const float sq = (q & 1) ? c1 : s1;
   const float cos_t = (q == 1 || q == 2) ? -cq : cq;
   const float sin_t = (q >= 2) ? -sq : sq;
-  *z0 = mul_rn(rho, cos_t);
-  *z1 = mul_rn(rho, sin_t);
+  *z0 = LLMOPT_MUL(rho, cos_t);
+  *z1 = LLMOPT_MUL(rho, sin_t);
 }
 
 LLMOPT_HD U4 block_words(uint64_t seed, uint64_t offset, uint64_t block) {
