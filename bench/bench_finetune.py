@@ -40,7 +40,7 @@ from .harness import Results
 
 ADAMW_SWEEP = (5e-4, 1e-3, 2e-3, 5e-3, 1e-2)
 PEERS = ("schedulefree", "prodigy", "dadapt_adam")
-OTHERS = ("hyperadamw", "golore", "sophiag", "sophiah", "adahessian", "oasis", "aisarah", "trcg")
+OTHERS = ("sf-width", "hyperadamw", "golore", "sophiag", "sophiah", "adahessian", "oasis", "aisarah", "trcg")
 SEEDS = (0, 1)
 
 
@@ -121,7 +121,7 @@ def _optimizers_real(device, tmp) -> Results:
             "--em-samples", "4", "--max-new-tokens", "8", "--batch-size", "4",
             "--max-length", "64", "--max-steps", str(steps)]
     return _optimizers(device, tmp, size, steps, False, sweep=REAL_SWEEP,
-                       others=PEERS + ("hyperadamw", "adahessian", "trcg"),
+                       others=PEERS + ("sf-width", "hyperadamw", "adahessian", "trcg"),
                        name="finetune_optimizers_real",
                        title="SmolLM2-135M-Instruct: AdamW (LR sweep) vs tuning-free optimizers "
                              "at defaults")

@@ -42,6 +42,9 @@ def _entries() -> dict[str, Entry]:
         # no learning rate: AdamW's direction, the step size learned by its hypergradient
         "hyperadamw": Entry(lambda: O.HyperAdamW,
                             lambda c, p, lr, o, t: c(p, weight_decay=o.weight_decay)),
+        # no learning rate: Schedule-Free AdamW with the step size 1.28 / model width
+        "sf-width": Entry(lambda: O.WidthScheduleFree, lambda c, p, lr, o, t: c(
+            p, weight_decay=o.weight_decay, warmup_steps=max(1, int(0.03 * t)))),
         # GoLore on the LoRA matrices, rank r/2 so both A (r x in) and B (out x r) are projected
         "golore": Entry(lambda: O.GoLoreAdamW, lambda c, p, lr, o, t: c(
             p, lr=lr, weight_decay=o.weight_decay, rank=max(1, o.lora_r // 2),

@@ -12,12 +12,13 @@ from .driver import StepContext, StepKind, drive_step
 from .hyperadam import HyperAdamW
 from .lora_refresh import lora_full_grads, relora_refresh
 from .oasis import OASIS
+from .schedule_free import WidthScheduleFree
 from .sophia import SophiaG, SophiaH, gnb_loss
 from .subspace import GoLoreAdamW, SubspaceProjector
 from .trcg import TRCG
 
 __all__ = [
     "TRCG", "drive_step", "StepContext", "StepKind",
-    "HyperAdamW", "SophiaG", "SophiaH", "gnb_loss", "AdaHessian", "OASIS", "AISARAH",
+    "HyperAdamW", "WidthScheduleFree", "SophiaG", "SophiaH", "gnb_loss", "AdaHessian", "OASIS", "AISARAH",
     "SubspaceProjector", "GoLoreAdamW", "relora_refresh", "lora_full_grads",
 ]
