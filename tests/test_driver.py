@@ -35,6 +35,7 @@ BUILDERS = {
     "AISARAH": lambda p: O.AISARAH(p),
     "TRCG": lambda p: O.TRCG(p, max_cg_iters=3),
     "HyperAdamW": lambda p: O.HyperAdamW(p),
+    "WidthScheduleFree": lambda p: O.WidthScheduleFree(p),
 }
 
 
@@ -119,11 +120,11 @@ def test_sophiag_refresh_generator_survives_state_dict():
 
 def test_front_ends_hold_no_per_optimizer_code():
     """The CLI loop and LlmoptTrainer read the contract, never an optimizer's name or type."""
-    names = r"\b(TRCG|SophiaG|SophiaH|AdaHessian|OASIS|AISARAH|GoLoreAdamW|HyperAdamW)\b"
+    names = r"\b(TRCG|SophiaG|SophiaH|AdaHessian|OASIS|AISARAH|GoLoreAdamW|HyperAdamW|WidthScheduleFree)\b"
     for rel in ("llmopt_ext/finetune/train.py", "llmopt_ext/finetune/hf.py"):
         code = "\n".join(l for l in (ROOT / rel).read_text().splitlines()
                          if not l.lstrip().startswith(("#", "``", "*")))
         code = re.sub(r'"""[\s\S]*?"""', "", code)
         assert not re.search(names, code), f"{rel} names an optimizer class"
         assert "isinstance(opt" not in code and "optimizer ==" not in code, rel
-        assert not re.search(r'"(trcg|sophiag|sophiah|adahessian|oasis|aisarah|golore)"', code), rel
+        assert not re.search(r'"(trcg|sophiag|sophiah|adahessian|oasis|aisarah|golore|sf-width)"', code), rel

@@ -14,8 +14,8 @@ import pytest
 
 from finetune_runs import run_cli
 
-PROJECT = ("hyperadamw", "golore", "sophiag", "sophiah", "adahessian", "oasis", "aisarah", "trcg")
-LR_FREE = ("hyperadamw", "aisarah", "trcg")
+PROJECT = ("sf-width", "hyperadamw", "golore", "sophiag", "sophiah", "adahessian", "oasis", "aisarah", "trcg")
+LR_FREE = ("sf-width", "hyperadamw", "aisarah", "trcg")
 
 
 def _run(tmp_path, opt, argv):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from llmopt_ext.optim import (AISARAH, OASIS, TRCG, AdaHessian, GoLoreAdamW, HyperAdamW, SophiaG,
-                              SophiaH)
+                              SophiaH, WidthScheduleFree)
 from llmopt_ext.optim.driver import skipped_steps
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -38,6 +38,7 @@ MAKERS = {
     "golore": lambda ps: GoLoreAdamW(ps, lr=1e-2, rank=2, update_proj_gap=2, seed=0),
     "trcg": lambda ps: TRCG(ps, radius=0.5, preconditioner="abs_grad_ema"),
     "hyperadamw": lambda ps: HyperAdamW(ps, weight_decay=0.01),
+    "sf-width": lambda ps: WidthScheduleFree(ps, weight_decay=0.01, warmup_steps=2),
 }
 HVP_KINDS = ["sophiah", "adahessian", "oasis", "aisarah", "trcg"]
 
@@ -68,7 +69,7 @@ def do_step(kind, model, opt, x, y, t, poison=None):
         model.zero_grad(set_to_none=True)
         _loss(model, x, y, poison).backward(create_graph=True)
         opt.step()
-    elif kind in ("golore", "hyperadamw"):
+    elif kind in ("golore", "hyperadamw", "sf-width"):
         model.zero_grad(set_to_none=True)
         _loss(model, x, y, poison).backward()
         opt.step()
@@ -140,7 +141,7 @@ def test_nonfinite_step_is_skipped_counted_and_training_goes_on(kind, poison):
     assert any(not torch.equal(a, b) for a, b in zip(before_p, model.parameters()))
 
 
-@pytest.mark.parametrize("kind", ["oasis", "aisarah", "golore", "trcg", "hyperadamw"])
+@pytest.mark.parametrize("kind", ["oasis", "aisarah", "golore", "trcg", "hyperadamw", "sf-width"])
 def test_skipped_step_leaves_the_trajectory_of_a_run_without_it(kind):
     """Optimizers whose step reads its state on the host skip a non-finite step completely:
     the run continues exactly as if that step had never been taken."""
