@@ -20,10 +20,13 @@ so no schedule is needed (the averaging plays the part of the decay). Only ``y``
 of a hidden matrix must shrink as ``1 / fan-in`` to keep the change of its output the same,
 with ``width`` read off the parameters (the median, over the trainable matrices, of their
 larger side: the hidden size of a LoRA-adapted transformer, where A is ``r x hidden`` and B
-``hidden x r``; pass ``width=`` to override). ``width_scale = 1.28`` is 1e-2 at width 128; how
-it was chosen and checked is in ``bench/bench_finetune.py``'s notes and the README: measured
-on the embedded 128-wide model, then tested without change on SmolLM2-135M (width 576, where
-the rule gives 2.2e-3). ``width`` is a property of the model, not a knob to tune.
+``hidden x r``; pass ``width=`` to override). ``width_scale = 1.28`` is 1e-2 at width 128:
+Schedule-Free AdamW's best rate on the embedded 128-wide model (``bench/bench_finetune.py``,
+300 steps: 0.96-0.98x the best AdamW of a 5-rate sweep), then checked without change on
+SmolLM2-135M (width 576, where the rule gives 2.2e-3: 0.86-0.90x; README, "Benchmarks"). The
+constant was fitted on one model and the 1/width law checked on a second, not more: a model
+far from both (other LoRA scaling alpha/r, much longer runs) may want another step, and then
+``width=`` is the one override. ``width`` is a property of the model, not a knob to tune.
 
 **Exactness.** The state is float32 for every parameter dtype and holds ``y`` itself, so the
 model's parameter is only ever a rounded copy: ``eval()`` writes ``x`` into the parameters and
