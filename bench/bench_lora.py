@@ -18,7 +18,9 @@ and saved bytes <= peft's DoRA. Only these rows:
 adapters fp32, peft's default autocast_adapter_dtype; default both).
 
 Merge: lora_merge_ GB/s (W read + written) against the measured copy bandwidth, and
-against peft's merge (delta = B A materialised, rounded, then added) in the same run.
+against peft's merge (delta = B A materialised, rounded, then added) in the same run. Only
+these rows: ``python -m bench.bench_lora --merge [--merge-dtypes bf16,fp32,fp16] [--quick]``
+(W's dtype; default bf16,fp32 as in the full run).
 
     python -m bench.bench_lora [--quick] [--device cuda]
 """
@@ -262,13 +264,16 @@ def _run_dora(device: torch.device, quick: bool, dtypes) -> list[Results]:
     return [dora]
 
 
-def _merge_rows(res, device, shapes, ranks, quick):
+MERGE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+def _merge_rows(res, device, shapes, ranks, quick, dtypes=("bf16", "fp32")):
     bw = copy_bandwidth(device)
     res.notes.append(f"measured copy bandwidth: {bw:.1f} GB/s (read + write)")
     merge_backend = "cuda" if device.type == "cuda" else "cpu"
     for in_f, out_f in shapes:
         for r in ranks:
-            for wdt in (torch.bfloat16, torch.float32):
+            for wdt in (MERGE_DTYPES[d] for d in dtypes):
                 g = torch.Generator().manual_seed(0)
                 w = torch.randn(out_f, in_f, generator=g).to(wdt).to(device)
                 a = (torch.randn(r, in_f, generator=g) * 0.01).to(device)
@@ -327,16 +332,21 @@ def run(device: torch.device, quick: bool = False) -> list[Results]:
              title="Cost of the adapter over the frozen base layer")
     lin.plot(["fused_TFLOPs"], label=["shape", "tokens", "r", "adapters"], kind="value", limits=harness.matmul_limits(device),
              xlabel="TFLOP/s", title="Fused LoRA Linear fwd+bwd throughput")
+    merge = run_merge(device, quick)
+    # quick on CPU: fp32 only (bf16 GEMMs without native bf16 units take seconds each)
+    return [lin, merge] + run_dora(device, quick, ("fp32",) if quick and device.type == "cpu" else ("bf16", "fp32"))
+
+
+def run_merge(device: torch.device, quick: bool = False, dtypes=("bf16", "fp32")) -> Results:
     merge = Results("lora_merge", device, title="LoRA merge (W += s B A in place)")
     merge.notes.append("GB/s counts W read + written; peft = delta materialised then added")
     m_shapes = [(1024, 1024)] if quick else LLAMA8B
-    _merge_rows(merge, device, m_shapes, [16] if quick else [16, 64], quick)
+    _merge_rows(merge, device, m_shapes, [16] if quick else [16, 64], quick, dtypes)
     merge.plot(["speedup_vs_peft"], label=["shape", "r", "weight"], title="LoRA merge: speed-up over peft's merge")
     merge.plot(["GBps"], label=["shape", "r", "weight"], kind="value",
                limits=harness.bandwidth_limits(device), xlabel="GB/s",
                title="LoRA merge: achieved bandwidth")
-    # quick on CPU: fp32 only (bf16 GEMMs without native bf16 units take seconds each)
-    return [lin, merge] + run_dora(device, quick, ("fp32",) if quick and device.type == "cpu" else ("bf16", "fp32"))
+    return merge
 
 
 def _main_dora() -> None:
@@ -354,10 +364,27 @@ def _main_dora() -> None:
         print("written:", r.write())
 
 
+def _main_merge() -> None:
+    """``--merge``: only the merge rows; ``--merge-dtypes bf16,fp32,fp16`` picks W's dtypes."""
+    import argparse  # noqa: PLC0415
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--merge", action="store_true")
+    p.add_argument("--merge-dtypes", default="bf16,fp32")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    r = run_merge(torch.device(args.device), args.quick, tuple(args.merge_dtypes.split(",")))
+    print(r.markdown())
+    print("written:", r.write())
+
+
 if __name__ == "__main__":
     import sys
 
     if "--dora" in sys.argv:
         _main_dora()
+    elif "--merge" in sys.argv:
+        _main_merge()
     else:
         harness.main(run, __doc__)

@@ -17,7 +17,7 @@ from llmopt_ext import backend, ops  # noqa: E402
 from llmopt_ext.ops import lora as lora_mod  # noqa: E402
 from llmopt_ext.ops import reference  # noqa: E402
 
-from conftest import kernels_loaded  # noqa: E402
+from conftest import backend_params, kernels_loaded  # noqa: E402
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model  # noqa: E402
@@ -211,7 +211,7 @@ def _inv_keep(p: float) -> float:
 
 
 def _philox_keep(seed: int, p: float, m: int, k: int) -> torch.Tensor:
-    """The dropout contract of csrc/cpu/lora_lowrank.h, in pure PyTorch (uint32 in int64)."""
+    """The dropout contract of csrc/cpu/lora_dropout.h, in pure PyTorch (uint32 in int64)."""
     i = torch.arange(m * k, dtype=torch.int64)
     blk = i // 4
     u = reference.philox4x32(blk & 0xFFFFFFFF, blk >> 32, torch.full_like(blk, 0x10AA), torch.zeros_like(blk),
@@ -223,20 +223,14 @@ def _philox_keep(seed: int, p: float, m: int, k: int) -> torch.Tensor:
 @needs_c
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_lowrank_kernels_match_float64(dtype, p):
-    """Ragged sizes (r = 5 < one 16-column tile, K = 37 not a multiple of 4: mask blocks
-    straddle rows), a row stride > K, mask from the documented Philox contract."""
+def test_dropout_kernel_follows_the_philox_contract(dtype, p):
+    """Ragged sizes (K = 37 not a multiple of 4: mask blocks straddle rows), a row stride > K,
+    mask from the documented Philox contract, scaled and rounded once."""
     g = torch.Generator().manual_seed(0)
-    m, k, r, seed = 9, 37, 5, 12345
+    m, k, seed = 9, 37, 12345
     x = torch.randn(m, k + 3, generator=g).to(dtype)[:, :k]  # row stride k + 3
-    q = torch.randn(k, r, generator=g)
-    gm = torch.randn(m, r, generator=g)
     keep = _philox_keep(seed, p, m, k) if p else torch.ones(m, k, dtype=torch.bool)
     xd = x.double() * keep * _inv_keep(p)
-    down = torch.ops.llmopt_ext.lora_lowrank_down(x, q, 0.5, seed, p)
-    torch.testing.assert_close(down.double(), 0.5 * xd @ q.double(), rtol=1e-5, atol=1e-5)
-    red = torch.ops.llmopt_ext.lora_lowrank_reduce(gm, x, 2.0, seed, p)
-    torch.testing.assert_close(red.double(), 2.0 * gm.double().t() @ xd, rtol=1e-5, atol=1e-5)
     t = x.clone()
     torch.ops.llmopt_ext.lora_dropout_mul_(t, seed, p)
     assert torch.equal(t, xd.to(dtype)), "mask * 1/(1-p) rounded once"
@@ -245,17 +239,52 @@ def test_lowrank_kernels_match_float64(dtype, p):
 
 
 @needs_c
-def test_lowrank_kernels_reject_bad_input():
+@pytest.mark.parametrize("rows", [(0, 1), (1, 4), (3, 9), (0, 9)])
+def test_dropout_kernel_row_blocks_get_their_part_of_the_whole_mask(rows):
+    """A block of rows i..j masked at offset i * K equals those rows of the whole tensor's
+    mask (the row-blocked rank-r products of ops/lora.py rely on it); K = 37 makes the
+    block start inside a Philox counter block."""
+    m, k, seed, p = 9, 37, 99, 0.4
+    x = torch.randn(m, k)
+    whole = x.clone()
+    torch.ops.llmopt_ext.lora_dropout_mul_(whole, seed, p)
+    i, j = rows
+    blk = x[i:j].clone()
+    torch.ops.llmopt_ext.lora_dropout_mul_(blk, seed, p, i * k)
+    assert torch.equal(blk, whole[i:j])
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_blocked_rank_r_products_with_dropout_match_float64(dtype, monkeypatch):
+    """_down / _reduce with dropout over several row blocks (a ragged last one) against the
+    float64 product of the contract's mask."""
+    from llmopt_ext.ops import lora as lora_ops
+    monkeypatch.setattr(lora_ops, "_UPCAST_BLOCK_ELEMS", 4 * 37)  # 4 rows per block
+    g = torch.Generator().manual_seed(1)
+    m, k, r, seed, p = 10, 37, 5, 4321, 0.25
+    x = torch.randn(m, k, generator=g).to(dtype)
+    q = torch.randn(k, r, generator=g)
+    gm = torch.randn(m, r, generator=g)
+    xd = x.double() * _philox_keep(seed, p, m, k) * _inv_keep(p)
+    torch.testing.assert_close(lora_ops._down(x, q, 0.5, seed, p).double(), 0.5 * xd @ q.double(),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lora_ops._reduce(gm, x, seed, p, torch.float32).double(),
+                               gm.double().t() @ xd, rtol=1e-5, atol=1e-5)
+
+
+@needs_c
+def test_dropout_kernel_rejects_bad_input():
     x = torch.randn(4, 8)
-    with pytest.raises(TypeError, match="q has dtype"):
-        torch.ops.llmopt_ext.lora_lowrank_down(x, torch.randn(8, 2).double(), 1.0, 0, 0.0)
-    with pytest.raises(ValueError, match="q has 7 rows"):
-        torch.ops.llmopt_ext.lora_lowrank_down(x, torch.randn(7, 2), 1.0, 0, 0.0)
-    with pytest.raises(ValueError, match="dropout_p"):
-        torch.ops.llmopt_ext.lora_lowrank_reduce(torch.randn(4, 2), x, 1.0, 0, 1.0)
     t = x.clone()
     with pytest.raises(ValueError, match="unit column stride"):
         torch.ops.llmopt_ext.lora_dropout_mul_(t.t(), 0, 0.5)
+    with pytest.raises(ValueError, match="dropout_p"):
+        torch.ops.llmopt_ext.lora_dropout_mul_(t, 0, 1.0)
+    with pytest.raises(ValueError, match="offset"):
+        torch.ops.llmopt_ext.lora_dropout_mul_(t, 0, 0.5, -1)
+    with pytest.raises(TypeError, match="dtype"):
+        torch.ops.llmopt_ext.lora_dropout_mul_(t.double(), 0, 0.5)
     assert torch.equal(t, x), "nothing written when rejected"
 
 
@@ -420,3 +449,60 @@ def test_double_backward_matches_reference(p):
     want = hvp(lambda: x64 @ w.double().t() + 0.5 * ((x64 * mask) @ a64.t()) @ b64.t(), leaves64)
     for got, ref in zip(hvp(fused, [x, a, b]), want):
         torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------
+# lora_merge_: W +/- D rounded once, where a float32 shortcut would not be
+
+def _merge_midpoint_pairs(dtype):
+    """(W, D) pairs whose float32 sum lands exactly on a rounding midpoint of `dtype` with a
+    nonzero error of either sign (and with none), plus pairs where the float64 sum of the
+    contract itself collapses onto a midpoint (bf16: a tiny W next to a D that is one) or,
+    for fp16, subnormal midpoints."""
+    g = torch.Generator().manual_seed(11)
+    drop = 16 if dtype == torch.bfloat16 else 13  # float32 bits below the dtype's last bit
+    w = (torch.randn(512, generator=g) * 4.0 ** torch.randint(-6, 7, (512,), generator=g)).to(dtype)
+    wf = w.float()
+    ws, ds = [], []
+    for up in (1, -1):  # the midpoint just above / below w in magnitude
+        m = (wf.view(torch.int32) + up * (1 << (drop - 1))).view(torch.float32)
+        half = m.double() - wf.double()
+        for t in (0.0, 2.0**-30, -(2.0**-30), 2.0**-45, -(2.0**-45)):
+            ws.append(w)
+            ds.append((half + t * wf.double().abs()).float())
+    if dtype == torch.bfloat16:
+        tiny = torch.tensor([2.0**-70, -(2.0**-70), 2.0**-100, -(2.0**-120)])
+        mids = torch.tensor([1 + 2.0**-8, -(1 + 3 * 2.0**-8), 3 + 2.0**-6, 2.0**40 * (1 + 5 * 2.0**-8)])
+    else:
+        tiny = torch.arange(8) * 2.0**-24
+        mids = torch.tensor([2.0**-25, -(2.0**-25), 2.0**-25 + 2.0**-40, 2.0**-25 - 2.0**-40])
+    ws.append(tiny.repeat_interleave(len(mids)).to(dtype))
+    ds.append(mids.repeat(len(tiny)).float())
+    return torch.cat(ws), torch.cat(ds)
+
+
+@pytest.mark.parametrize("b,device", backend_params("lora_merge_"))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_merge_rounds_midpoints_like_the_float64_contract(b, device, dtype):
+    """D lands W + D exactly on a bf16/fp16 midpoint with a float32 error of either sign:
+    the result must be the float64 contract's single rounding (round-to-odd, then RNE), not
+    the float32 sum's (which ties to even), nor the exact sum's (which differs where the
+    float64 sum already collapsed onto the midpoint: W = 2^-70, D = 1 + 2^-8 gives 1.0)."""
+    w, d = _merge_midpoint_pairs(dtype)
+    n = w.numel() // 4 * 4
+    w, d = w[:n].reshape(4, -1), d[:n].reshape(4, -1)
+    lora_a, lora_b = d.clone(), torch.eye(4)  # B A = D exactly (one nonzero term per element)
+    want = w.clone()
+    reference.lora_merge_(want, lora_a, lora_b, 1.0)
+    naive = (w.float() + d).to(dtype)  # the float32 sum rounded: ties to even
+    assert not torch.equal(naive, want)
+    if dtype == torch.bfloat16:
+        tiny_vs_mid = (w.float().abs() < 2.0**-60) & ((d - 1 - 2.0**-8).abs() == 0)
+        assert tiny_vs_mid.any() and (want.float()[tiny_vs_mid] == 1.0).all()
+    for sign in (1, -1):
+        got = w.clone().to(device)
+        with backend.use(b):
+            (ops.lora_merge_ if sign > 0 else ops.lora_unmerge_)(got, lora_a.to(device), lora_b.to(device), 1.0)
+        ref = w.clone()
+        (reference.lora_merge_ if sign > 0 else reference.lora_unmerge_)(ref, lora_a, lora_b, 1.0)
+        assert torch.equal(got.cpu().view(torch.int16), ref.view(torch.int16)), sign

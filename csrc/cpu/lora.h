@@ -38,9 +38,9 @@ struct LoraMergeArgs {
 // sign = +1: merge (W += s P Q); sign = -1: unmerge (W -= s P Q).
 void lora_merge(const LoraMergeArgs& a, int sign);
 
-// Columns per tile: the float32 accumulator row (8 KiB) stays in L1 and the
-// Q tile (r x 2048 fp32 = 128 KiB at r = 16) in L2 while a thread sweeps its
-// rows.
+// Columns per tile: the tile's packed Q (r x 2048 fp32 = 128 KiB at r = 16,
+// 512 KiB at r = 64) stays in L2 while a thread sweeps its rows (512 to 4096
+// measured the same). Must be a multiple of the kernel's column block (16).
 constexpr int64_t kMergeColTile = 2048;
 // Rows per OpenMP work item: 4096 x 4096 has 256 items, enough to balance
 // two to a few dozen threads, while the Q tile is reused 16 times.

@@ -10,12 +10,12 @@ respect to x, lora_A, lora_B and bias (W is frozen). Backends:
   The dropout mask is never stored: it is regenerated in backward from a Philox seed.
 * ``cpu``: custom ops ``llmopt_ext::lora_linear_cpu_fwd`` / ``_bwd`` (fake:
   :func:`fused_forward_fake`). The GEMMs are ATen's; the rank-r products accumulate in
-  float32 (row blocks of bf16/fp16 x upcast, never the whole x; with dropout the C++ kernels
-  ``lora_lowrank_down`` / ``lora_lowrank_reduce`` read x in place; bf16 adapters on bf16 x
-  without dropout: bf16 GEMMs with float32 accumulation, as peft's). The low-rank term is computed first and the
+  float32 (sgemm on row blocks of bf16/fp16 x upcast, never the whole x; with dropout each
+  block is masked as it is upcast, ``lora_dropout_mul_`` at the block's offset; bf16 adapters
+  on bf16 x without dropout: bf16 GEMMs with float32 accumulation, as peft's). The low-rank term is computed first and the
   base GEMM accumulates onto it (``addmm``, beta = 1), so y and dX are rounded once, where
   peft rounds the base product, then the sum. Dropout is regenerated in backward from a
-  Philox seed (csrc/cpu/lora_lowrank.h): autograd keeps x, the (tokens x r) float32 ``t``
+  Philox seed (csrc/cpu/lora_dropout.h): autograd keeps x, the (tokens x r) float32 ``t``
   and the seed; no mask, no dropped copy of x.
 * ``reference``: float64 math (:func:`llmopt_ext.ops.reference.lora_linear`).
 
@@ -143,41 +143,44 @@ def _blocks(m: int, width: int):
     return [(i, min(m, i + step)) for i in range(0, m, step)]
 
 
+def _dropped(x: torch.Tensor, i: int, j: int, seed: int, p: float) -> torch.Tensor:
+    """Rows i..j of ``dropout(x)`` as a new float32 block: the upcast rows times their part of
+    the Philox mask (``lora_dropout_mul_`` at the block's first flat index), never all of x."""
+    blk = x[i:j].to(torch.float32, copy=True)
+    torch.ops.llmopt_ext.lora_dropout_mul_(blk, seed, p, i * x.shape[1])
+    return blk
+
+
 def _down(x: torch.Tensor, q: torch.Tensor, scale: float, seed: int, p: float) -> torch.Tensor:
     """``scale * dropout(x) @ q`` (M, r) float32 for x (M, K), q (K, r).
 
-    Without dropout: float32 sgemm on row blocks of x upcast (single-threaded, 256 x 4096:
-    upcast 0.09 ms + sgemm, where the C++ kernel below took 21 ms). With dropout: the C++
-    kernel, which applies the Philox mask while reading x (no mask, no dropped copy)."""
-    if p > 0.0:
-        return torch.ops.llmopt_ext.lora_lowrank_down(x, q.to(torch.float32).contiguous(), scale, seed, p)
-    if x.dtype == q.dtype == torch.bfloat16:  # bf16 adapters: peft's bf16 GEMM (note above _blocks)
+    Float32 sgemm on row blocks of x upcast (single-threaded, 256 x 4096: upcast 0.09 ms +
+    sgemm, where a hand-written C++ product took 21 ms); with dropout, each block is masked
+    from the Philox seed as it is upcast (the mask is never stored). bf16 adapters on bf16
+    activations without dropout: peft's bf16 GEMM (note above _blocks)."""
+    if p == 0.0 and x.dtype == q.dtype == torch.bfloat16:
         return torch.mm(x, q).to(torch.float32).mul_(scale)
     q = q.to(torch.float32)
-    if x.dtype == torch.float32:
+    if p == 0.0 and x.dtype == torch.float32:
         return torch.mm(x, q).mul_(scale)
     out = torch.empty((x.shape[0], q.shape[1]), dtype=torch.float32, device=x.device)
     for i, j in _blocks(x.shape[0], x.shape[1]):
-        torch.mm(x[i:j].to(torch.float32), q, out=out[i:j])
+        blk = _dropped(x, i, j, seed, p) if p > 0.0 else x[i:j].to(torch.float32)
+        torch.mm(blk, q, out=out[i:j])
     return out.mul_(scale)
 
 
 def _reduce(g: torch.Tensor, x: torch.Tensor, seed: int, p: float, adt: torch.dtype) -> torch.Tensor:
     """``g^T @ dropout(x)`` (r, K) float32 for g (M, r) float32, x (M, K); as :func:`_down`
     (``adt``: the adapter's dtype)."""
-    if p > 0.0:
-        return torch.ops.llmopt_ext.lora_lowrank_reduce(g.contiguous(), x, 1.0, seed, p)
-    if x.dtype == adt == torch.bfloat16:  # bf16 adapters: peft's bf16 GEMM (note above _blocks)
+    if p == 0.0 and x.dtype == adt == torch.bfloat16:  # bf16 adapters: peft's bf16 GEMM
         return torch.mm(g.t().to(torch.bfloat16), x).to(torch.float32)
-    if x.dtype == torch.float32:
+    if p == 0.0 and x.dtype == torch.float32:
         return torch.mm(g.t(), x)
-    blocks = _blocks(x.shape[0], x.shape[1])
-    if not blocks:
-        return x.new_zeros((g.shape[1], x.shape[1]), dtype=torch.float32)
-    (i0, j0), rest = blocks[0], blocks[1:]
-    out = torch.mm(g[i0:j0].t(), x[i0:j0].to(torch.float32))
-    for i, j in rest:
-        out.addmm_(g[i:j].t(), x[i:j].to(torch.float32))
+    out = x.new_zeros((g.shape[1], x.shape[1]), dtype=torch.float32)
+    for i, j in _blocks(x.shape[0], x.shape[1]):
+        blk = _dropped(x, i, j, seed, p) if p > 0.0 else x[i:j].to(torch.float32)
+        out.addmm_(g[i:j].t(), blk)
     return out
 
 
