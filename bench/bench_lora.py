@@ -349,42 +349,28 @@ def run_merge(device: torch.device, quick: bool = False, dtypes=("bf16", "fp32")
     return merge
 
 
-def _main_dora() -> None:
-    """``--dora``: only the DoRA rows; ``--dora-dtypes fp32,bf16`` picks the activations."""
+def _main_part(part: str) -> None:
+    """``--dora`` / ``--merge``: only those rows; ``--dora-dtypes fp32,bf16`` picks the
+    activations' dtypes, ``--merge-dtypes bf16,fp32,fp16`` W's."""
     import argparse  # noqa: PLC0415
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dora", action="store_true")
-    p.add_argument("--dora-dtypes", default="bf16,fp32")
+    p.add_argument(f"--{part}", action="store_true")
+    p.add_argument(f"--{part}-dtypes", default="bf16,fp32")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
-    for r in run_dora(torch.device(args.device), args.quick, tuple(args.dora_dtypes.split(","))):
+    dtypes = tuple(getattr(args, f"{part}_dtypes").split(","))
+    runner = run_dora if part == "dora" else lambda d, q, t: [run_merge(d, q, t)]
+    for r in runner(torch.device(args.device), args.quick, dtypes):
         print(r.markdown())
         print("written:", r.write())
-
-
-def _main_merge() -> None:
-    """``--merge``: only the merge rows; ``--merge-dtypes bf16,fp32,fp16`` picks W's dtypes."""
-    import argparse  # noqa: PLC0415
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--merge", action="store_true")
-    p.add_argument("--merge-dtypes", default="bf16,fp32")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
-    r = run_merge(torch.device(args.device), args.quick, tuple(args.merge_dtypes.split(",")))
-    print(r.markdown())
-    print("written:", r.write())
 
 
 if __name__ == "__main__":
     import sys
 
-    if "--dora" in sys.argv:
-        _main_dora()
-    elif "--merge" in sys.argv:
-        _main_merge()
+    if "--dora" in sys.argv or "--merge" in sys.argv:
+        _main_part("dora" if "--dora" in sys.argv else "merge")
     else:
         harness.main(run, __doc__)

@@ -7,14 +7,13 @@ and the CLI defaults on the embedded model and the real one (eval loss falls, 2 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 
 import pytest
 import torch
 
 from llmopt_ext.optim import HyperAdamW
 
+from ddp_runs import run_two_ranks
 from finetune_runs import run_cli
 
 
@@ -154,32 +153,22 @@ def test_state_dict_round_trip_keeps_the_step_size_and_resumes_identically():
 
 # ---------------------------------------------------------------------------- DDP
 
-def _ddp_worker(rank, world, init_file, out_dir):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        opt = HyperAdamW(ddp.parameters(), weight_decay=0.01)
-        g = torch.Generator().manual_seed(10 + rank)  # different data per rank
-        for _ in range(6):
-            x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(ddp(x), y).backward()
-            opt.step()
-        torch.save({"params": [p.detach() for p in model.parameters()], "s": opt.step_size},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _ddp_train(rank):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = HyperAdamW(ddp.parameters(), weight_decay=0.01)
+    g = torch.Generator().manual_seed(10 + rank)  # different data per rank
+    for _ in range(6):
+        x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(ddp(x), y).backward()
+        opt.step()
+    return {"params": [p.detach() for p in model.parameters()], "s": opt.step_size}
 
 
 def test_ddp_two_gloo_processes_stay_identical_and_match_one_process():
-    import torch.multiprocessing as mp
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_ddp_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
-        r0, r1 = (torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in (0, 1))
+    r0, r1 = run_two_ranks(_ddp_train)
     assert r0["s"] == r1["s"]
     assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"]))
     # one process on the mean of both ranks' losses (= DDP's averaged gradient)

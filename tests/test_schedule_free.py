@@ -7,14 +7,14 @@ defaults on both models (test_optim_defaults)."""
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 
 import pytest
 import torch
 
 from llmopt_ext.optim import WidthScheduleFree
 from llmopt_ext.optim.schedule_free import WIDTH_SCALE, infer_width
+
+from ddp_runs import run_two_ranks
 
 
 def _mlp(seed=0, widths=(8, 16, 4)):
@@ -157,31 +157,22 @@ def test_state_dict_round_trip_resumes_identically_also_from_eval_mode():
 
 # ---------------------------------------------------------------------------- DDP
 
-def _ddp_worker(rank, world, init_file, out_dir):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        model = _mlp()
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        opt = WidthScheduleFree(ddp.parameters(), weight_decay=0.01, warmup_steps=2)
-        g = torch.Generator().manual_seed(10 + rank)  # different data per rank
-        for _ in range(6):
-            x, y = torch.randn(8, 8, generator=g), torch.randn(8, 4, generator=g)
-            opt.zero_grad()
-            torch.nn.functional.mse_loss(ddp(x), y).backward()
-            opt.step()
-        opt.eval()
-        torch.save([p.detach() for p in model.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _ddp_train(rank):
+    model = _mlp()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = WidthScheduleFree(ddp.parameters(), weight_decay=0.01, warmup_steps=2)
+    g = torch.Generator().manual_seed(10 + rank)  # different data per rank
+    for _ in range(6):
+        x, y = torch.randn(8, 8, generator=g), torch.randn(8, 4, generator=g)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(ddp(x), y).backward()
+        opt.step()
+    opt.eval()
+    return [p.detach() for p in model.parameters()]
 
 
 def test_ddp_two_gloo_processes_stay_identical_and_match_one_process():
-    import torch.multiprocessing as mp
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_ddp_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
-        r0, r1 = (torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in (0, 1))
+    r0, r1 = run_two_ranks(_ddp_train)
     assert all(torch.equal(a, b) for a, b in zip(r0, r1))
     # one process on the mean of both ranks' losses (= DDP's averaged gradient)
     model = _mlp()

@@ -38,7 +38,6 @@ before ``step``) every rank computes the same update; the step reads the skip fl
 """
 from __future__ import annotations
 
-import math
 import statistics
 
 import torch
