@@ -126,7 +126,7 @@ def test_checkpoint_encoding_keeps_types_and_layout():
         C.encode_state({"x": object()})
 
 
-UNSAFE = [r"weights_only\s*=\s*False", r"\bpickle\.loads?\(", r"(?<![\w.])eval\(",
+UNSAFE = [r"weights_only\s*=\s*False", r"\bpickle\.loads?\(", r"(?<![\w.])(?<!def )eval\(",
           r"(?<![\w.])exec\(", r"trust_remote_code\s*=\s*True", r"\bmarshal\.loads?\(",
           r"\bdill\.", r"\bcloudpickle\."]
 

@@ -32,22 +32,27 @@ def test_defaults_learn_on_the_embedded_model(tmp_path, opt, seed):
 
 
 # Measured and not fixed: AdaHessian's default lr (0.15, the paper's) diverges on the real
-# model (8 steps: 3.11 -> 3.43, 2.24 -> 5.14; 4 steps: -> 4.01, -> 6.53). strict: the test
-# turns red the day it stops diverging, so this list and the README stay true.
-KNOWN_DIVERGENT_ON_REAL = {"adahessian": "default lr 0.15 diverges on SmolLM2-135M (measured)"}
+# model. Seed 0 diverged on both CPUs measured (8 steps: 3.11 -> 3.43 on an Intel Xeon, 3.11 ->
+# 3.28 on an AMD EPYC): strict, so the test turns red the day it stops diverging and this list
+# and the README stay true. Seed 1 diverged on the Xeon (2.24 -> 5.14) but learned on the EPYC
+# (2.24 -> 1.51): eight steps at that rate are chaotic enough for the CPU's rounding to decide,
+# so that case is an xfail that may pass.
+KNOWN_DIVERGENT_ON_REAL = {("adahessian", 0): True, ("adahessian", 1): False}   # -> strict
+_DIVERGENT_REASON = "default lr 0.15 diverges on SmolLM2-135M (measured)"
 
 
 def _real_params():
     for opt in PROJECT:
         if opt == "hyperadamw":  # test_hyperadam.py runs it
             continue
-        marks = [pytest.mark.xfail(strict=True, reason=KNOWN_DIVERGENT_ON_REAL[opt])] \
-            if opt in KNOWN_DIVERGENT_ON_REAL else []
-        yield pytest.param(opt, marks=marks, id=opt)
+        for seed in (0, 1):
+            strict = KNOWN_DIVERGENT_ON_REAL.get((opt, seed))
+            marks = [] if strict is None else \
+                [pytest.mark.xfail(strict=strict, reason=_DIVERGENT_REASON)]
+            yield pytest.param(opt, seed, marks=marks, id=f"{opt}-{seed}")
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("opt", list(_real_params()))
+@pytest.mark.parametrize("opt,seed", list(_real_params()))
 def test_defaults_do_not_diverge_on_the_real_model(tmp_path, real_model_dir, opt, seed):
     r = _run(tmp_path, opt, ["--model", real_model_dir, "--train-size", "32", "--eval-size", "4",
                              "--em-samples", "1", "--max-new-tokens", "1", "--batch-size", "2",

@@ -29,8 +29,9 @@ pairs; a warning says so); closure optimizers need ``gradient_accumulation_steps
 closure is one batch); use ``attn_implementation="eager"`` (SDPA kernels have no double
 backward). An optimizer's ``step_kwargs`` / ``after_step`` get a ``StepContext`` of the
 current batch (SophiaG: its token count, and its GNB Hessian refresh every ``update_period``
-steps). Learning-rate-free optimizers (``TRCG``, ``AISARAH``) get an ``lr`` of 0 in their
-param groups so the Trainer's scheduler and logs work (the optimizers ignore it).
+steps). Learning-rate-free optimizers without an ``lr`` entry (``TRCG``, ``AISARAH``,
+``WidthScheduleFree``) get an ``lr`` of 0 in their param groups so the Trainer's scheduler and
+logs work (the optimizers ignore it; HyperAdamW's ``lr`` is its schedule factor and is kept).
 Single process (DDP for these optimizers: use ``llmopt-finetune`` under torchrun).
 """
 from __future__ import annotations
@@ -57,14 +58,14 @@ class LlmoptTrainer(Trainer):
             warnings.warn(f"LlmoptTrainer: gradient clipping disabled for {type(opt).__name__} "
                           f"(max_grad_norm {self.args.max_grad_norm} -> 0)")
             self.args.max_grad_norm = 0.0
+        if driver.lr_free(opt):  # the Trainer's scheduler and logs read group["lr"]
+            for g in opt.param_groups:
+                g.setdefault("lr", 0.0)
         step = type(opt).step.__get__(opt)
         if driver.is_closure_driven(opt):
             if self.args.gradient_accumulation_steps != 1:
                 raise ValueError(f"{type(opt).__name__} steps with a closure over one batch: "
                                  "use gradient_accumulation_steps=1 (raise the batch size instead)")
-            if driver.lr_free(opt):
-                for g in opt.param_groups:
-                    g.setdefault("lr", 0.0)
             # the real step (with a closure) runs in training_step; the Trainer's own
             # optimizer.step() (no closure) is a no-op
             opt.step = lambda closure=None, **k: None if closure is None else step(closure, **k)

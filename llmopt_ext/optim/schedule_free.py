@@ -29,7 +29,7 @@ far from both (other LoRA scaling alpha/r, much longer runs) may want another st
 ``width=`` is the one override. ``width`` is a property of the model, not a knob to tune.
 
 **Exactness.** The state is float32 for every parameter dtype and holds ``y`` itself, so the
-model's parameter is only ever a rounded copy: ``eval()`` writes ``x`` into the parameters and
+model's parameter is only ever a rounded copy: ``opt.eval()`` writes ``x`` into the parameters and
 ``train()`` writes ``y`` back bit-for-bit, so evaluating mid-run does not change the trajectory.
 A step whose gradient holds a NaN/Inf changes nothing (parameters, state, the step count and
 the averaging weights) and is counted in ``skipped_steps``. Under DDP (gradients averaged
@@ -65,7 +65,7 @@ class WidthScheduleFree(GuardedOptimizer):
     """Schedule-Free AdamW with the step size ``width_scale / width`` and no learning rate
     (see the module docstring for the update and the rule).
 
-    Call ``train()`` before training steps and ``eval()`` before evaluating or saving the
+    Call ``opt.train()`` before training steps and ``opt.eval()`` before evaluating or saving the
     model (:func:`llmopt_ext.optim.driver.set_mode` does, and so does every loop of this
     project); the optimizer starts in training mode.
 
