@@ -51,14 +51,16 @@ WIDTH_SCALE = 1.28
 def infer_width(params) -> int:
     """The median over parameters with two or more dimensions of their largest dimension (the
     hidden size of a transformer, with or without LoRA); with only vectors, the longest one.
-    ValueError when there is no parameter at all."""
+    ValueError when no parameter holds an element."""
     params = list(params)
-    sides = [max(p.shape) for p in params if p.dim() >= 2] or \
-        [p.numel() for p in params if p.dim() < 2]
-    if not sides or max(sides) == 0:
+    mats = [max(p.shape) for p in params if p.dim() >= 2]
+    if mats:
+        return int(statistics.median_low(mats))
+    longest = max((p.numel() for p in params), default=0)
+    if longest == 0:
         raise ValueError("WidthScheduleFree: no non-empty parameter to read the width from; "
                          "pass width= (the model's hidden size)")
-    return int(statistics.median_low(sides)) if any(p.dim() >= 2 for p in params) else max(sides)
+    return longest
 
 
 class WidthScheduleFree(GuardedOptimizer):
