@@ -219,6 +219,7 @@ class Results:
     rows: list[dict] = field(default_factory=list)
     plots: list[dict] = field(default_factory=list)
     curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    key: list[str] = field(default_factory=list)  # columns that name a row (the goal table's labels)
 
     def add(self, **row) -> None:
         self.rows.append(row)
@@ -255,7 +256,7 @@ class Results:
                 "commit": commit(), "notes": self.notes}
         with open(os.path.join(out_dir, f"{self.name}.json"), "w") as f:
             json.dump({"meta": meta, "title": self.title, "rows": self.rows, "plots": self.plots,
-                       "curves": self.curves}, f, indent=1)
+                       "curves": self.curves, "key": self.key}, f, indent=1)
         path = os.path.join(out_dir, f"{self.name}.md")
         with open(path, "w") as f:
             f.write(self.markdown())

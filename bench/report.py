@@ -11,6 +11,9 @@ JSON carries its rows and the plots it asked for (``Results.plot`` / ``Results.c
   (measured copy bandwidth or matmul throughput, datasheet peak on known GPUs);
 - curves: line plots (loss against step).
 
+Before the sections, a goal table: for every ``meets_*`` column a benchmark writes (a goal of
+the performance issue judged per row, in the same run), how many rows meet it and which miss.
+
 PNGs go to ``<dir>/plots/``. Without matplotlib the report is written without plots and says so.
 """
 from __future__ import annotations
@@ -125,11 +128,40 @@ def render(data: dict, plot_dir: str) -> list[tuple[str, str]]:
     return images
 
 
+def _row_label(row: dict, key: list[str]) -> str:
+    """A row's ``key`` columns (default: its strings and ints, not flags), joined."""
+    if key:
+        return " ".join(f"{k}={row[k]}" for k in key if k in row)
+    parts = [str(v) for v in row.values()
+             if isinstance(v, str) and v or isinstance(v, int) and not isinstance(v, bool)]
+    return " ".join(parts[:6])
+
+
+def goal_summary(tables: list[tuple[str, list[dict], list[str]]]) -> str:
+    """A markdown table of every ``meets_*`` column of every benchmark: rows met / rows
+    measured, and the rows that missed, labelled by the (title, rows, key) entry's key columns."""
+    lines = []
+    for title, rows, key in tables:
+        goals = []
+        for r in rows:
+            goals += [k for k in r if k.startswith("meets_") and k not in goals]
+        for goal in goals:
+            judged = [r for r in rows if isinstance(r.get(goal), bool)]
+            missed = [_row_label(r, key) for r in judged if not r[goal]]
+            lines.append(f"| {title} | {goal[len('meets_'):]} | {len(judged) - len(missed)}/{len(judged)} | "
+                         + ("; ".join(missed) if missed else "-") + " |")
+    if not lines:
+        return ""
+    return ("## Goals: rows that meet each goal (same-run ratios)\n\n"
+            "| benchmark | goal | met | missed rows |\n|---|---|---|---|\n" + "\n".join(lines) + "\n")
+
+
 def write_report(out_dir: str, names: list[str] | None = None, header: str = "") -> str:
     """Writes <out_dir>/REPORT.md (and plots/) from <out_dir>/<name>.json, in ``names`` order."""
     paths = [os.path.join(out_dir, f"{n}.json") for n in names] if names is not None else \
         sorted(glob.glob(os.path.join(out_dir, "*.json")))
     sections = []
+    tables = []
     have_mpl = True
     try:
         import matplotlib  # noqa: F401, PLC0415
@@ -140,6 +172,7 @@ def write_report(out_dir: str, names: list[str] | None = None, header: str = "")
             data = json.load(f)
         meta = data["meta"]
         images = render(data, os.path.join(out_dir, "plots"))
+        tables.append((data.get("title") or meta["name"], data["rows"], data.get("key", [])))
         sections.append(markdown_section(data.get("title") or meta["name"],
                                          f"{meta['device']}; torch {meta['torch']}; commit {meta['commit']}",
                                          meta["notes"], data["rows"], images))
@@ -150,6 +183,9 @@ def write_report(out_dir: str, names: list[str] | None = None, header: str = "")
     text = "# llmopt_ext benchmarks\n\n" + header + "\n"
     if not have_mpl:
         text += "\n(matplotlib is not installed: tables only, no plots.)\n"
+    summary = goal_summary(tables)
+    if summary:
+        text += "\n" + summary
     report = os.path.join(out_dir, "REPORT.md")
     with open(report, "w") as f:
         f.write(text + "\n" + "\n".join(sections))

@@ -85,3 +85,18 @@ def test_report_without_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_mpl)
     text = open(report.write_report(str(tmp_path))).read()
     assert "matplotlib is not installed" in text and "| op | n |" in text and "![" not in text
+
+
+def test_goal_summary_counts_and_names_missed_rows(tmp_path):
+    res = Results("goals", torch.device("cpu"), title="Goal title")
+    res.add(op="dot", dtype="bfloat16", tensors=8, vs_loop=0.9, meets_vs_loop=False, meets_goal1=True)
+    res.add(op="axpby", dtype="float32", tensors=512, vs_loop=1.7, meets_vs_loop=True, meets_goal1=True)
+    res.add(op="norm", dtype="float32", tensors=8, vs_loop=1.7)  # not judged: no goal columns
+    res.write(str(tmp_path))
+    text = open(report.write_report(str(tmp_path), ["goals"])).read()
+    assert "| Goal title | vs_loop | 1/2 | dot bfloat16 8 |" in text
+    assert "| Goal title | goal1 | 2/2 | - |" in text
+    assert text.index("## Goals") < text.index("## Goal title")
+    assert report.goal_summary([("t", [dict(op="a", x=1.0)], [])]) == ""
+    keyed = [dict(op="a", p=0.1, meets_x=False), dict(op="a", p=0.0, meets_x=True)]
+    assert "| t | x | 1/2 | op=a p=0.1 |" in report.goal_summary([("t", keyed, ["op", "p"])])
