@@ -322,3 +322,27 @@ def test_torch_compile_fullgraph(device):
     assert torch.equal(got, want)
     for g, w in zip(got_lists, eager):
         assert_same(g, w)
+
+
+@pytest.mark.parametrize("b,device", backend_params("mt_axpby_"))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_stores_special_values(b, device, dtype):
+    """The bf16/fp16 block stores (vectorised on CPU) on results that overflow, round to
+    subnormals or zero, hit ties, or are Inf/NaN, scattered among ordinary values."""
+    gen = torch.Generator().manual_seed(7)
+    info = torch.finfo(dtype)
+    n = 4099
+    x = (torch.randn(n, generator=gen) * torch.exp2(torch.randint(-30, 30, (n,), generator=gen).float()))
+    special = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, info.max, -info.max, info.tiny,
+                            info.tiny / 8, -info.tiny / 3, info.smallest_normal * 0.75, 2.0 ** -149])
+    idx = torch.randint(0, n, (300,), generator=gen)
+    x[idx] = special[torch.arange(300) % len(special)]
+    y = torch.randn(n, generator=gen)
+    xs, ys = [x.to(dtype).to(device)], [y.to(dtype).to(device)]
+    for a, c in ((0.37, -1.25), (3.0e4, 1.0), (1.5, 2.0 ** -10), (2.0 ** 100, 0.5)):
+        got, want = clone(ys), clone(ys)
+        run(b, ops.mt_axpby_, got, xs, a, c)
+        reference.mt_axpby_(want, xs, torch.tensor(a), torch.tensor(c))
+        g, w = got[0].cpu(), want[0].cpu()
+        assert torch.equal(g.isnan(), w.isnan())  # NaN payloads aside, the same bits
+        assert torch.equal(g.view(torch.int16)[~g.isnan()], w.view(torch.int16)[~w.isnan()])

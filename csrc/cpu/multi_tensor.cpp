@@ -1,6 +1,8 @@
 // Multi-tensor vector ops for Steihaug-CG, CPU implementation (OpenMP over chunks).
 #include "multi_tensor.h"
 
+#include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -8,6 +10,14 @@
 #endif
 
 #include "target_clones.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#define LLMOPT_MT_FMV 1  // the condition of target_clones.h
+#define LLMOPT_MT_AVX2 __attribute__((target("arch=x86-64-v3")))
+#define LLMOPT_MT_AVX2_INLINE __attribute__((target("arch=x86-64-v3"), always_inline)) inline
+#define LLMOPT_MT_BASE __attribute__((target("default")))
+#endif
 
 // GCC 12 at -march=x86-64-v4 once dropped the float rounding between
 // mt_cg_step's store and its norm when both were in one loop (caught by
@@ -35,6 +45,118 @@ LLMOPT_INLINE double lane_sum(const double* acc) {
   return s[0];
 }
 
+// ---- bf16 / fp16 stores, a block at a time ----------------------------------------
+//
+// The element-wise ops compute a block of kBlock double results into a stack
+// buffer (a plain loop every clone vectorises), then round_block() rounds the
+// buffer into bf16/fp16. The scalar store<T> (round-to-odd float, then RNE)
+// mixes 4-wide double and 8-wide int32 lanes and does not vectorise well: the
+// bf16 ops ran at 7-9 GB/s, behind a per-tensor PyTorch loop. The AVX2 version
+// below rounds the double straight into the 16-bit format, which is the same
+// single RNE rounding store<T> implements (float_types.h), so the bits agree;
+// csrc/tests/test_multi_tensor_cpu.cpp checks it against store<T> on every
+// exponent, ties, subnormal results, overflow, Inf and NaN payloads.
+//
+// For |d| in the format's normal range, with e = floor(log2 |d|) and
+// M = 2^(e + 52 - kMant): |d| + M lies in [M, 2M), where a double's spacing is
+// 2^(e - kMant), the format's spacing at |d|; so s = RN(|d| + M) =
+// M + k 2^(e - kMant) with k = RNE(|d| / 2^(e - kMant)) in [2^kMant, 2^(kMant+1)]
+// (ties to even: M's significand is even), and k is the low part of s's bits.
+// The result's bits are ((E - Emin) << kMant) + k, E the biased double exponent
+// and Emin = 1023 + kMinExp (k = 2^(kMant+1) carries into the exponent, as RNE
+// must, up to Inf). Below 2^kMinExp, E clamped to Emin makes M = 2^(kMinExp +
+// 52 - kMant) and k the subnormal count, RNE at the subnormal spacing (zero and
+// double subnormals give k = 0). Lanes with |d| >= 2^kMaxExp (overflow beyond
+// the rounding carry, Inf) or NaN take the scalar store<T> (16 lanes at a time).
+constexpr int kBlock = 256;
+
+template <class T> struct Fmt;
+// kMant significand bits stored; results below 2^kMinExp are subnormal; |d| >= 2^kMaxExp
+// (kMin, kMax as doubles) is past the rounding carry into Inf.
+template <> struct Fmt<bf16> {
+  static constexpr int kMant = 7, kMinExp = -126;
+  static constexpr double kMin = 0x1p-126, kMax = 0x1p128;
+};
+template <> struct Fmt<fp16> {
+  static constexpr int kMant = 10, kMinExp = -14;
+  static constexpr double kMin = 0x1p-14, kMax = 0x1p16;
+};
+
+template <class T>
+LLMOPT_INLINE void round_block_scalar(const double* in, T* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = store<T>(in[i]);
+}
+
+#ifdef LLMOPT_MT_FMV
+// 4 doubles -> 4 x 64-bit lanes whose low 32 bits are (E' << kMant) + k (the
+// magnitude's bits plus Emin << kMant); `bad` flags |d| >= 2^kMaxExp and NaN.
+template <class T>
+LLMOPT_MT_AVX2_INLINE __m256i mag4(__m256d d, __m256d& bad) {
+  using F = Fmt<T>;
+  const __m256d a = _mm256_and_pd(d, _mm256_castsi256_pd(_mm256_set1_epi64x(0x7fffffffffffffffll)));
+  const __m256d eb = _mm256_and_pd(d, _mm256_castsi256_pd(_mm256_set1_epi64x(0x7ff0000000000000ll)));
+  const __m256d mx = _mm256_max_pd(eb, _mm256_set1_pd(F::kMin));
+  const __m256d m = _mm256_castsi256_pd(
+      _mm256_add_epi64(_mm256_castpd_si256(mx), _mm256_set1_epi64x((long long)(52 - F::kMant) << 52)));
+  const __m256d s = _mm256_add_pd(a, m);
+  const __m256i e = _mm256_srli_epi64(_mm256_castpd_si256(mx), 52 - F::kMant);
+  bad = _mm256_or_pd(bad, _mm256_cmp_pd(a, _mm256_set1_pd(F::kMax), _CMP_NLT_UQ));
+  return _mm256_add_epi64(e, _mm256_castpd_si256(s));
+}
+
+// The low (high) 32 bits of the 64-bit lanes of u and v: [u0 u1 v0 v1 | u2 u3 v2 v3].
+LLMOPT_MT_AVX2_INLINE __m256i lo32(__m256i u, __m256i v) {
+  return _mm256_castps_si256(_mm256_shuffle_ps(_mm256_castsi256_ps(u), _mm256_castsi256_ps(v), 0x88));
+}
+LLMOPT_MT_AVX2_INLINE __m256i hi32(__m256d u, __m256d v) {
+  return _mm256_castps_si256(_mm256_shuffle_ps(_mm256_castpd_ps(u), _mm256_castpd_ps(v), 0xDD));
+}
+
+template <class T>
+LLMOPT_MT_AVX2_INLINE void round_block_avx2(const double* in, T* out, int64_t n) {
+  const __m256i emin = _mm256_set1_epi32((1023 + Fmt<T>::kMinExp) << Fmt<T>::kMant);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256d d0 = _mm256_loadu_pd(in + i), d1 = _mm256_loadu_pd(in + i + 4);
+    const __m256d d2 = _mm256_loadu_pd(in + i + 8), d3 = _mm256_loadu_pd(in + i + 12);
+    __m256d bad = _mm256_setzero_pd();
+    const __m256i m01 = _mm256_sub_epi32(lo32(mag4<T>(d0, bad), mag4<T>(d1, bad)), emin);
+    const __m256i m23 = _mm256_sub_epi32(lo32(mag4<T>(d2, bad), mag4<T>(d3, bad)), emin);
+    if (_mm256_movemask_pd(bad)) {
+      round_block_scalar(in + i, out + i, 16);
+      continue;
+    }
+    // sign: the high 32 bits, saturated to int16 (negative -> 0x8000 or below)
+    const __m256i sign = _mm256_and_si256(_mm256_packs_epi32(hi32(d0, d1), hi32(d2, d3)),
+                                          _mm256_set1_epi16(static_cast<short>(0x8000)));
+    // [0..1 4..5 8..9 12..13 | 2..3 6..7 10..11 14..15] -> in order
+    const __m256i h = _mm256_or_si256(_mm256_packus_epi32(m01, m23), sign);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
+                        _mm256_permutevar8x32_epi32(h, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  }
+  round_block_scalar(in + i, out + i, n - i);
+}
+
+LLMOPT_MT_AVX2 void round_block_bf16(const double* in, bf16* out, int64_t n) {
+  round_block_avx2(in, out, n);
+}
+LLMOPT_MT_BASE void round_block_bf16(const double* in, bf16* out, int64_t n) {
+  round_block_scalar(in, out, n);
+}
+LLMOPT_MT_AVX2 void round_block_f16(const double* in, fp16* out, int64_t n) {
+  round_block_avx2(in, out, n);
+}
+LLMOPT_MT_BASE void round_block_f16(const double* in, fp16* out, int64_t n) {
+  round_block_scalar(in, out, n);
+}
+#else
+void round_block_bf16(const double* in, bf16* out, int64_t n) { round_block_scalar(in, out, n); }
+void round_block_f16(const double* in, fp16* out, int64_t n) { round_block_scalar(in, out, n); }
+#endif
+
+inline void round_block(const double* in, bf16* out, int64_t n) { round_block_bf16(in, out, n); }
+inline void round_block(const double* in, fp16* out, int64_t n) { round_block_f16(in, out, n); }
+
 template <class T>
 LLMOPT_INLINE double dot_range(const T* __restrict x, const T* __restrict y, int64_t n) {
   double acc[kLanes] = {};
@@ -58,22 +180,22 @@ LLMOPT_INLINE double sumsq_range(const T* __restrict x, int64_t n) {
 template <class T>
 LLMOPT_INLINE void axpby_range(T* y, const T* x, int64_t n, double a, double b) {
   // y and x may alias (axpby on the same list): element-wise, so that is safe.
-  for (int64_t i = 0; i < n; ++i) y[i] = store<T>(a * load(x[i]) + b * load(y[i]));
+  if constexpr (std::is_same_v<T, float>) {
+    for (int64_t i = 0; i < n; ++i) y[i] = store<T>(a * load(x[i]) + b * load(y[i]));
+  } else {
+    alignas(32) double buf[kBlock];
+    for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+      const int64_t m = std::min<int64_t>(kBlock, n - i0);
+      for (int64_t j = 0; j < m; ++j) buf[j] = a * load(x[i0 + j]) + b * load(y[i0 + j]);
+      round_block(buf, y + i0, m);
+    }
+  }
 }
 
 template <class T, bool kPre>
-LLMOPT_INLINE void cg_step_loop(T* __restrict x, T* __restrict r, const T* __restrict p,
-                                const T* __restrict hp, const T* __restrict minv, int64_t n,
-                                double alpha, double* out) {
-  // Pass 1 updates x and r (a pure streaming loop); pass 2 reduces the stored
-  // values while they are still in L1/L2 (a chunk of 16K fp32 is 64 KiB per
-  // vector). One fused loop would be one pass, but GCC does not vectorise the
-  // store-then-reload of the rounded values (measured 6x slower than axpby).
-  for (int64_t i = 0; i < n; ++i) {
-    x[i] = store<T>(load(x[i]) + alpha * load(p[i]));
-    r[i] = store<T>(load(r[i]) + alpha * load(hp[i]));
-  }
-  double ax[kLanes] = {}, ar[kLanes] = {}, az[kLanes] = {};
+LLMOPT_INLINE void cg_norm_lanes(double* __restrict ax, double* __restrict ar,
+                                 double* __restrict az, const T* __restrict x,
+                                 const T* __restrict r, const T* __restrict minv, int64_t n) {
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
     for (int j = 0; j < kLanes; ++j) {
@@ -88,6 +210,36 @@ LLMOPT_INLINE void cg_step_loop(T* __restrict x, T* __restrict r, const T* __res
     ar[j] += rv * rv;
     if (kPre) az[j] += rv * (load(minv[i]) * rv);
   }
+}
+
+template <class T, bool kPre>
+LLMOPT_INLINE void cg_step_loop(T* __restrict x, T* __restrict r, const T* __restrict p,
+                                const T* __restrict hp, const T* __restrict minv, int64_t n,
+                                double alpha, double* out) {
+  // Pass 1 updates x and r (a pure streaming loop); pass 2 reduces the stored
+  // values while they are still in L1/L2 (a chunk of 16K fp32 is 64 KiB per
+  // vector). One fused loop would be one pass, but GCC does not vectorise the
+  // store-then-reload of the rounded values (measured 6x slower than axpby).
+  double ax[kLanes] = {}, ar[kLanes] = {}, az[kLanes] = {};
+  if constexpr (std::is_same_v<T, float>) {
+    for (int64_t i = 0; i < n; ++i) {
+      x[i] = store<T>(load(x[i]) + alpha * load(p[i]));
+      r[i] = store<T>(load(r[i]) + alpha * load(hp[i]));
+    }
+    cg_norm_lanes<T, kPre>(ax, ar, az, x, r, minv, n);
+  } else {
+    alignas(32) double bx[kBlock], br[kBlock];
+    for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+      const int64_t m = std::min<int64_t>(kBlock, n - i0);
+      for (int64_t j = 0; j < m; ++j) {
+        bx[j] = load(x[i0 + j]) + alpha * load(p[i0 + j]);
+        br[j] = load(r[i0 + j]) + alpha * load(hp[i0 + j]);
+      }
+      round_block(bx, x + i0, m);
+      round_block(br, r + i0, m);
+    }
+    cg_norm_lanes<T, kPre>(ax, ar, az, x, r, minv, n);
+  }
   out[0] = lane_sum(ax);
   out[1] = lane_sum(ar);
   out[2] = kPre ? lane_sum(az) : out[1];
@@ -96,9 +248,21 @@ LLMOPT_INLINE void cg_step_loop(T* __restrict x, T* __restrict r, const T* __res
 template <class T, bool kPre>
 LLMOPT_INLINE void cg_direction_loop(T* __restrict p, const T* __restrict r,
                                      const T* __restrict minv, int64_t n, double beta) {
-  for (int64_t i = 0; i < n; ++i) {
-    const double z = kPre ? load(minv[i]) * load(r[i]) : load(r[i]);
-    p[i] = store<T>(beta * load(p[i]) - z);
+  if constexpr (std::is_same_v<T, float>) {
+    for (int64_t i = 0; i < n; ++i) {
+      const double z = kPre ? load(minv[i]) * load(r[i]) : load(r[i]);
+      p[i] = store<T>(beta * load(p[i]) - z);
+    }
+  } else {
+    alignas(32) double buf[kBlock];
+    for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+      const int64_t m = std::min<int64_t>(kBlock, n - i0);
+      for (int64_t j = 0; j < m; ++j) {
+        const double z = kPre ? load(minv[i0 + j]) * load(r[i0 + j]) : load(r[i0 + j]);
+        buf[j] = beta * load(p[i0 + j]) - z;
+      }
+      round_block(buf, p + i0, m);
+    }
   }
 }
 
@@ -208,6 +372,15 @@ void ordered_sum(const std::vector<double>& partial, double* out) {
 }
 
 }  // namespace
+
+void round_doubles(DType dtype, const double* in, void* out, int64_t n) {
+  switch (dtype) {
+    case DType::BFloat16: round_block(in, static_cast<bf16*>(out), n); return;
+    case DType::Float16: round_block(in, static_cast<fp16*>(out), n); return;
+    case DType::Float32: break;
+  }
+  round_block_scalar(in, static_cast<float*>(out), n);
+}
 
 double mt_dot(const ListShape& s, ConstList xs, ConstList ys) {
   const Work w = make_work(s);

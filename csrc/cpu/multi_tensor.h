@@ -47,6 +47,11 @@ CgStepNorms mt_cg_step(const ListShape& s, MutList xs, MutList rs, ConstList ps,
 // p = -(M^-1 r) + beta * p   (M^-1 = identity when minv.ptrs == nullptr)
 void mt_cg_direction(const ListShape& s, MutList ps, ConstList rs, ConstList minv, float beta);
 
+// Rounds n doubles into n elements of `dtype` at out, bit for bit as store<T>
+// (float_types.h): the block converter the bf16/fp16 kernels use (AVX2 where the
+// CPU has it). Exposed for the unit tests.
+void round_doubles(DType dtype, const double* in, void* out, int64_t n);
+
 // Elements per work item. 16K elements (64 KiB of fp32) keeps a chunk's
 // streams inside L2 and gives 512 chunks at 128 LoRA tensors of 16x4096:
 // enough to balance two to a few dozen OpenMP threads.

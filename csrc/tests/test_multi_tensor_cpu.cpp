@@ -4,8 +4,12 @@
 // double-rounding traps round-to-odd exists for; the multi-tensor ops are
 // checked against long-double loops written independently of the kernels.
 #include "check.h"
+#include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <type_traits>
 #include <cstdlib>
 #include <random>
 #include <vector>
@@ -119,6 +123,95 @@ static void test_single_rounding() {
     }
   }
   CHECK(traps > 1000, "too few midpoint cases (%d)", traps);
+}
+
+// The block converter of the bf16/fp16 kernels (cpu::round_doubles: AVX2 where
+// the CPU has it) against the scalar store<T>, which is its specification: the
+// same bits for every double, checked on every exponent, all 16-bit values,
+// their midpoints (exact ties and one double ulp either side), subnormal results,
+// overflow to Inf, Inf and NaN payloads, in blocks that mix special and ordinary
+// lanes and lengths that leave scalar tails.
+static uint64_t bits_of(double d) { uint64_t u; std::memcpy(&u, &d, 8); return u; }
+static double from_bits(uint64_t u) { double d; std::memcpy(&d, &u, 8); return d; }
+
+template <class T>
+static void check_round_doubles(const std::vector<double>& in, const char* what) {
+  const DType dt = std::is_same<T, bf16>::value ? DType::BFloat16 : DType::Float16;
+  std::vector<T> out(in.size());
+  // a few lengths and offsets: full 16-lane groups, partial tails, unaligned starts
+  for (size_t off : {size_t(0), size_t(3)}) {
+    if (off >= in.size()) continue;
+    const int64_t n = (int64_t)(in.size() - off);
+    cpu::round_doubles(dt, in.data() + off, out.data(), n);
+    int fails = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const uint16_t want = store<T>(in[off + i]).bits;
+      if (out[i].bits != want && fails++ < 5)
+        CHECK(false, "round_doubles %s %s: %.17g (%016llx) -> %04x, store gives %04x",
+              dtype_name(dt), what, in[off + i], (unsigned long long)bits_of(in[off + i]),
+              out[i].bits, want);
+    }
+    CHECK(fails == 0, "round_doubles %s %s: %d mismatches", dtype_name(dt), what, fails);
+  }
+}
+
+static void test_round_doubles() {
+  std::mt19937_64 rng(99);
+  for (int fmt = 0; fmt < 2; ++fmt) {
+    std::vector<double> v;
+    // every 16-bit value, its midpoint with the next one, and one double ulp around both
+    for (uint32_t h = 0; h < 65536; ++h) {
+      const double a = fmt ? load(fp16{(uint16_t)h}) : load(bf16{(uint16_t)h});
+      const double b = fmt ? load(fp16{(uint16_t)(h + 1)}) : load(bf16{(uint16_t)(h + 1)});
+      v.push_back(a);
+      v.push_back(std::nextafter(a, 0.0));
+      v.push_back(std::nextafter(a, INFINITY));
+      if ((h & 0x7fff) != 0x7fff && std::isfinite(a) && std::isfinite(b) && std::signbit(a) == std::signbit(b)) {
+        const double mid = a + (b - a) / 2;  // exact: one more bit than the 16-bit format
+        v.push_back(mid);
+        v.push_back(std::nextafter(mid, 0.0));
+        v.push_back(std::nextafter(mid, INFINITY));
+        v.push_back(-mid);
+      }
+    }
+    // the overflow threshold (halfway past the largest finite value) and around it
+    const double maxf = fmt ? 65504.0 : (double)load(bf16{0x7f7f});
+    const double thr = fmt ? 65520.0 : std::ldexp(2.0 - std::ldexp(1.0, -8), 127);
+    for (double d : {maxf, thr, std::ldexp(1.0, fmt ? 16 : 128), std::ldexp(1.0, fmt ? 17 : 129),
+                     DBL_MAX, (double)FLT_MAX, (double)INFINITY, 0.0, DBL_TRUE_MIN, DBL_MIN})
+      for (double e : {d, std::nextafter(d, 0.0), std::nextafter(d, (double)INFINITY)}) {
+        v.push_back(e);
+        v.push_back(-e);
+      }
+    // NaNs: quiet and signalling payloads, both signs
+    for (int k = 0; k < 2000; ++k)
+      v.push_back(from_bits((rng() | 0x7ff0000000000000ull) & ((k & 1) ? ~0ull : ~(1ull << 63))));
+    // random doubles of every exponent, with some low significand bits cleared (ties likelier)
+    for (int k = 0; k < 400000; ++k) {
+      uint64_t u = rng();
+      const uint64_t e = rng() % 2048;
+      u = (u & 0x800fffffffffffffull) | (e << 52);
+      if (k & 1) u &= ~((1ull << (rng() % 53)) - 1);
+      v.push_back(from_bits(u));
+    }
+    // random doubles near the format's range, where the cases are
+    for (int k = 0; k < 400000; ++k) {
+      const double m = std::uniform_real_distribution<double>(-2, 2)(rng);
+      const int e = std::uniform_int_distribution<int>(fmt ? -30 : -140, fmt ? 18 : 130)(rng);
+      v.push_back(std::ldexp(m, e));
+    }
+    // shuffled, so special lanes sit in blocks of ordinary ones
+    std::shuffle(v.begin(), v.end(), rng);
+    if (fmt) check_round_doubles<fp16>(v, "mixed");
+    else check_round_doubles<bf16>(v, "mixed");
+    // a run with no special values at all (the vector path throughout), odd length
+    std::vector<double> w;
+    for (int k = 0; k < 100003; ++k)
+      w.push_back(std::ldexp(std::uniform_real_distribution<double>(-2, 2)(rng),
+                             std::uniform_int_distribution<int>(fmt ? -26 : -134, fmt ? 14 : 126)(rng)));
+    if (fmt) check_round_doubles<fp16>(w, "ordinary");
+    else check_round_doubles<bf16>(w, "ordinary");
+  }
 }
 
 // ---- multi-tensor ops ----------------------------------------------------
@@ -241,6 +334,7 @@ static void test_ops(const std::vector<int64_t>& numels, uint64_t seed) {
 int main() {
   test_roundtrips();
   test_single_rounding();
+  test_round_doubles();
   // odd sizes, an empty tensor, sizes straddling the chunk and lane widths
   const std::vector<int64_t> shapes = {1, 7, 0, 123, 4097, cpu::kChunkElems + 3, 16 * 4096, 9};
   test_ops<float>(shapes, 1);
