@@ -15,6 +15,8 @@ from conftest import DTYPES, HAS_CUDA, ULP, backend_params
 # odd, tiny, unaligned, empty, and larger than one CPU (16384) and CUDA (8192) chunk
 SHAPES = [(1,), (7,), (123,), (0,), (3, 5, 7), (4097, 5), (16, 33)]
 LAYOUTS = ["contiguous", "transposed", "strided"]
+# exact=False (default): float32 math for bf16/fp16 storage; exact=True: float64 math
+EXACT = [False, True]
 
 
 def make(shape, dtype, device, layout, gen, scale=1.0):
@@ -41,9 +43,9 @@ def clone(ts):
     return [t.clone() for t in ts]
 
 
-def run(b, fn, *args):
+def run(b, fn, *args, **kw):
     with backend.use(b):
-        return fn(*args)
+        return fn(*args, **kw)
 
 
 def flat64(ts):
@@ -82,6 +84,48 @@ def test_reference_matches_float64_math(dtype):
     # correctly rounded: within half an ulp of the format
     err = (flat64(out) - exact_v).abs()
     assert torch.all(err <= 0.5 * ULP[dtype] * exact_v.abs() * (1 + 2**-20) + 2.0**-25)
+
+
+def _np32(t):
+    return t.float().numpy()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("precond", [False, True])
+def test_reference_fast_path_matches_float32_formula(dtype, precond):
+    """exact=False on 16-bit storage, against the formulas written with numpy float32 (one
+    rounding per operation, no FMA), then one RNE rounding into the dtype."""
+    import numpy as np  # noqa: PLC0415
+
+    xs, ys, ps, hps, m = make_lists(5, dtype, "cpu", shapes=[(1000,), (3, 7)], seed=5)
+    minv = [(t.abs() + 0.5).to(dtype) for t in m] if precond else None
+    a, b, alpha, beta = np.float32(0.3), np.float32(-1.7), np.float32(-0.8125), np.float32(0.4375)
+
+    def r16(arr, like):
+        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(like.dtype).reshape(like.shape)
+
+    out = clone(ys)
+    reference.mt_axpby_(out, xs, torch.tensor(0.3), torch.tensor(-1.7), exact=False)
+    assert_same(out, [r16(a * _np32(x) + b * _np32(y), y) for x, y in zip(xs, ys)])
+
+    x1, r1 = clone(xs), clone(ys)
+    norms = reference.mt_cg_step_(x1, r1, ps, hps, torch.tensor(-0.8125), minv, exact=False)
+    want_x = [r16(_np32(x) + alpha * _np32(p), x) for x, p in zip(xs, ps)]
+    want_r = [r16(_np32(r) + alpha * _np32(hp), r) for r, hp in zip(ys, hps)]
+    assert_same(x1, want_x)
+    assert_same(r1, want_r)
+    rv = flat64(want_r)
+    rz = (rv * rv * (flat64(minv) if precond else 1.0)).sum()
+    want_norms = torch.stack([flat64(want_x).square().sum(), rv.square().sum(), rz]).float()
+    assert_reduction_close(norms, want_norms, float(want_norms.abs().max()))
+
+    p1 = clone(ps)
+    reference.mt_cg_direction_(p1, r1, torch.tensor(0.4375), minv, exact=False)
+    want_p = []
+    for i, (p, r) in enumerate(zip(ps, r1)):
+        z = _np32(minv[i]) * _np32(r) if precond else _np32(r)
+        want_p.append(r16(beta * _np32(p) - z, p))
+    assert_same(p1, want_p)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -132,24 +176,27 @@ SCALAR_KINDS = ["float", "cpu-tensor", "device-tensor"]
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("scalars", SCALAR_KINDS)
-def test_axpby(b, device, dtype, layout, scalars):
+@pytest.mark.parametrize("exact", EXACT)
+def test_axpby(b, device, dtype, layout, scalars, exact):
     ys, xs = make_lists(2, dtype, device, layout)
     a, c = _scalar(scalars, 0.37, device), _scalar(scalars, -1.25, device)
     got = clone(ys)
-    run(b, ops.mt_axpby_, got, xs, a, c)
+    run(b, ops.mt_axpby_, got, xs, a, c, exact=exact)
     want = clone(ys)
-    reference.mt_axpby_(want, xs, torch.tensor(0.37), torch.tensor(-1.25))
+    reference.mt_axpby_(want, xs, torch.tensor(0.37), torch.tensor(-1.25), exact=exact)
     assert_same(got, want)
     # written through the caller's (possibly non-contiguous) views
     assert [g.stride() for g in got] == [y.stride() for y in ys] or layout == "contiguous"
 
 
 @pytest.mark.parametrize("b,device", backend_params("mt_axpby_"))
-def test_axpby_aliased_lists(b, device):
-    (ys,) = make_lists(1, torch.float32, device)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("exact", EXACT)
+def test_axpby_aliased_lists(b, device, dtype, exact):
+    (ys,) = make_lists(1, dtype, device)
     got, want = clone(ys), clone(ys)
-    run(b, ops.mt_axpby_, got, got, 2.0, 0.5)
-    reference.mt_axpby_(want, clone(want), torch.tensor(2.0), torch.tensor(0.5))
+    run(b, ops.mt_axpby_, got, got, 2.0, 0.3, exact=exact)
+    reference.mt_axpby_(want, clone(want), torch.tensor(2.0), torch.tensor(0.3), exact=exact)
     assert_same(got, want)
 
 
@@ -157,14 +204,15 @@ def test_axpby_aliased_lists(b, device):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("precond", [False, True])
-def test_cg_step_and_direction(b, device, dtype, layout, precond):
+@pytest.mark.parametrize("exact", EXACT)
+def test_cg_step_and_direction(b, device, dtype, layout, precond, exact):
     xs, rs, ps, hps, m = make_lists(5, dtype, device, layout)
     minv = [(t.abs() + 0.5).to(dtype) for t in m] if precond else None
     alpha = _scalar("device-tensor" if device == "cuda" else "float", -0.8125, device)
 
     x1, r1, x2, r2 = clone(xs), clone(rs), clone(xs), clone(rs)
-    norms = run(b, ops.mt_cg_step_, x1, r1, ps, hps, alpha, minv)
-    want = reference.mt_cg_step_(x2, r2, ps, hps, torch.tensor(-0.8125), minv)
+    norms = run(b, ops.mt_cg_step_, x1, r1, ps, hps, alpha, minv, exact=exact)
+    want = reference.mt_cg_step_(x2, r2, ps, hps, torch.tensor(-0.8125), minv, exact=exact)
     assert_same(x1, x2)
     assert_same(r1, r2)
     assert norms.shape == (3,) and norms.device.type == device
@@ -173,8 +221,8 @@ def test_cg_step_and_direction(b, device, dtype, layout, precond):
         assert norms[1].item() == norms[2].item()
 
     p1, p2 = clone(ps), clone(ps)
-    run(b, ops.mt_cg_direction_, p1, r1, 0.4375, minv)
-    reference.mt_cg_direction_(p2, r2, torch.tensor(0.4375), minv)
+    run(b, ops.mt_cg_direction_, p1, r1, 0.4375, minv, exact=exact)
+    reference.mt_cg_direction_(p2, r2, torch.tensor(0.4375), minv, exact=exact)
     assert_same(p1, p2)
 
 
@@ -216,20 +264,27 @@ def test_cpu_results_do_not_depend_on_thread_count(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("b,device", backend_params("mt_axpby_"))
-def test_low_precision_error_at_most_plain_pytorch(b, device, dtype):
+@pytest.mark.parametrize("exact_path", EXACT)
+def test_low_precision_error_at_most_plain_pytorch(b, device, dtype, exact_path):
     """flash-attention's rule: the kernel's error against float64 is at most 2x the error of
-    plain PyTorch in the same dtype (ours rounds once, so it is at most PyTorch's)."""
+    plain PyTorch in the same dtype (exact=True rounds once, so it is at most PyTorch's;
+    exact=False adds float32 roundings, ~2^-24 of |a x| + |b y|, to that one rounding)."""
     ys, xs = make_lists(2, dtype, device, shapes=[(10_000,)], seed=7)
     a, c = 0.3, -1.1
-    exact = float(torch.tensor(a, dtype=torch.float32)) * flat64(xs) + float(
-        torch.tensor(c, dtype=torch.float32)) * flat64(ys)
+    a32, c32 = float(torch.tensor(a, dtype=torch.float32)), float(torch.tensor(c, dtype=torch.float32))
+    exact = a32 * flat64(xs) + c32 * flat64(ys)
     ours = clone(ys)
-    run(b, ops.mt_axpby_, ours, xs, a, c)
+    run(b, ops.mt_axpby_, ours, xs, a, c, exact=exact_path)
     plain = [y * c + x * a for x, y in zip(xs, ys)]
-    err_ours = (flat64(ours) - exact).abs().max()
+    err = (flat64(ours) - exact).abs()
     err_plain = (flat64(plain) - exact).abs().max()
-    assert err_ours <= 2 * err_plain
-    assert err_ours <= 0.5 * ULP[dtype] * exact.abs().max() * (1 + 2**-20)
+    assert err.max() <= 2 * err_plain
+    half_ulp = 0.5 * ULP[dtype] * exact.abs() * (1 + 2**-20)
+    if exact_path:
+        assert err.max() <= half_ulp.max()
+    else:
+        f32_noise = 2.0**-23 * (abs(a32) * flat64(xs).abs() + abs(c32) * flat64(ys).abs())
+        assert torch.all(err <= half_ulp + f32_noise * (1 + 2**-7))
 
 
 # ---------------------------------------------------------------------------
@@ -267,6 +322,69 @@ def test_bad_input_raises_and_writes_nothing(b, device, case):
             assert all(torch.equal(t, o) for t, o in zip(a, old))
 
 
+@pytest.mark.parametrize("b,device", backend_params("mt_axpby_"))
+@pytest.mark.parametrize("bad", [1, 0, None, "yes", torch.tensor(True)])
+def test_exact_must_be_a_bool(b, device, bad):
+    xs, rs, ps, hps = make_lists(4, torch.bfloat16, device, shapes=[(5,)])
+    before = [clone(t) for t in (xs, rs, ps)]
+    calls = {
+        "mt_axpby_": lambda: ops.mt_axpby_(xs, rs, 1.0, 2.0, exact=bad),
+        "mt_cg_step_": lambda: ops.mt_cg_step_(xs, rs, ps, hps, 1.0, exact=bad),
+        "mt_cg_direction_": lambda: ops.mt_cg_direction_(ps, rs, 0.5, exact=bad),
+    }
+    for op, call in calls.items():
+        with backend.use(b), pytest.raises(TypeError, match=f"^{op}: exact must be a bool, got "):
+            call()
+    for t, old in zip((xs, rs, ps), before):
+        assert_same(t, old)
+
+
+def _f64_want(dtype, fn, *ts):
+    """fn of the float64 values, rounded once into dtype (today's exact path, written out)."""
+    return reference.round_from_f64(fn(*[t.double() for t in ts]), dtype)
+
+
+@pytest.mark.parametrize("b,device", backend_params("mt_axpby_"))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_exact_flag_selects_the_path(b, device, dtype):
+    """exact=True is the float64 formula with one rounding; exact=False is not (the flag is
+    not ignored): element 0 is built so that 1 + c, c = half a 16-bit ulp at 1 plus 2^-30,
+    rounds up from float64 but to the float32 tie 1 + 2^-k first, which RNE sends to 1."""
+    half_ulp = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+    c = half_ulp + 2.0**-30  # exact in float32
+    xs, ys, ps, hps, m = make_lists(5, dtype, device, shapes=[(4099,), (3, 5)], seed=9)
+    minv = [(t.abs() + 0.5).to(dtype) for t in m]
+    for t in (xs, ys, ps, minv):
+        t[0].view(-1)[0] = 1.0
+    rs = [-t for t in ys]
+    results = {}
+    for exact in EXACT:
+        y = clone(ys)
+        run(b, ops.mt_axpby_, y, xs, 1.0, c, exact=exact)
+        x1, r1 = clone(xs), clone(ys)
+        run(b, ops.mt_cg_step_, x1, r1, ps, hps, c, minv, exact=exact)
+        p1 = clone(ps)
+        run(b, ops.mt_cg_direction_, p1, rs, c, minv, exact=exact)
+        results[exact] = [[t.cpu() for t in lst] for lst in (y, x1, p1)]
+    X, Y, P, M, R = ([t.cpu() for t in lst] for lst in (xs, ys, ps, minv, rs))
+    want = ([_f64_want(dtype, lambda x, y: x + c * y, x, y) for x, y in zip(X, Y)],
+            [_f64_want(dtype, lambda x, p: x + c * p, x, p) for x, p in zip(X, P)],
+            [_f64_want(dtype, lambda p, mi, r: c * p - mi * r, p, mi, r) for p, mi, r in zip(P, M, R)])
+    one_up = torch.tensor(1.0 + 2 * half_ulp, dtype=dtype)
+    for name, got, w, fast in zip(("axpby", "cg_step", "cg_direction"), results[True], want, results[False]):
+        assert_same(got, w)  # exact=True: the float64 formula, rounded once
+        assert got[0].view(-1)[0] == one_up, name
+        assert fast[0].view(-1)[0] == 1.0, f"{name}: exact=False gave the exact path's bits"
+    # float32 storage: the flag changes nothing
+    x32, y32 = make_lists(2, torch.float32, device, shapes=[(4099,)], seed=9)
+    outs = []
+    for exact in EXACT:
+        y = clone(y32)
+        run(b, ops.mt_axpby_, y, x32, 0.3, c, exact=exact)
+        outs.append(y[0])
+    assert torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.cuda
 def test_bad_input_device_mismatch():
     xs = [torch.randn(3, device="cuda")]
@@ -302,6 +420,17 @@ def test_opcheck(device, op):
     torch.library.opcheck(getattr(torch.ops.llmopt_ext, op).default, args)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("op", ["mt_axpby_", "mt_cg_step_", "mt_cg_direction_"])
+@pytest.mark.parametrize("exact", EXACT)
+def test_opcheck_exact(device, op, exact):
+    """The trailing `bool exact=False` of the schema, on 16-bit lists (where it matters)."""
+    pytest.importorskip("llmopt_ext._C")
+    args = tuple([t.to(torch.bfloat16) for t in a] if isinstance(a, list) else a
+                 for a in _opcheck_args(device)[op])
+    torch.library.opcheck(getattr(torch.ops.llmopt_ext, op).default, args, {"exact": exact})
+
+
 def _cg_iteration(x, r, p, hp, rz):
     php = ops.mt_dot(p, hp)
     norms = ops.mt_cg_step_(x, r, p, hp, rz / php)
@@ -326,7 +455,8 @@ def test_torch_compile_fullgraph(device):
 
 @pytest.mark.parametrize("b,device", backend_params("mt_axpby_"))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_stores_special_values(b, device, dtype):
+@pytest.mark.parametrize("exact", EXACT)
+def test_low_precision_stores_special_values(b, device, dtype, exact):
     """The bf16/fp16 block stores (vectorised on CPU) on results that overflow, round to
     subnormals or zero, hit ties, or are Inf/NaN, scattered among ordinary values."""
     gen = torch.Generator().manual_seed(7)
@@ -341,8 +471,8 @@ def test_low_precision_stores_special_values(b, device, dtype):
     xs, ys = [x.to(dtype).to(device)], [y.to(dtype).to(device)]
     for a, c in ((0.37, -1.25), (3.0e4, 1.0), (1.5, 2.0 ** -10), (2.0 ** 100, 0.5)):
         got, want = clone(ys), clone(ys)
-        run(b, ops.mt_axpby_, got, xs, a, c)
-        reference.mt_axpby_(want, xs, torch.tensor(a), torch.tensor(c))
+        run(b, ops.mt_axpby_, got, xs, a, c, exact=exact)
+        reference.mt_axpby_(want, xs, torch.tensor(a), torch.tensor(c), exact=exact)
         g, w = got[0].cpu(), want[0].cpu()
         assert torch.equal(g.isnan(), w.isnan())  # NaN payloads aside, the same bits
         assert torch.equal(g.view(torch.int16)[~g.isnan()], w.view(torch.int16)[~w.isnan()])

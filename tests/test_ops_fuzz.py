@@ -1,7 +1,7 @@
 """Property-based fuzzing of every non-LoRA op: the compiled CPU backend against the
 pure-PyTorch reference on random list lengths, odd and empty shapes, non-contiguous views
 and every kernel dtype. Element-wise results must be bit-identical (the numerical contract
-of llmopt_ext/ops/reference.py); reductions agree to one float32 rounding plus float64
+of llmopt_ext/ops/reference.py, on both the exact=False and the exact=True path); reductions agree to one float32 rounding plus float64
 summation-order noise, as in test_multi_tensor.py.
 
 Bounded in time: derandomized, a fixed number of small examples per op (the whole file
@@ -106,35 +106,35 @@ def test_fuzz_reductions(shapes_, dtype, layout, seed):
 
 @FUZZ
 @given(list_shapes, dtypes, layouts, seeds, coefs, coefs, st.sampled_from(["float", "f64 tensor", "f32 tensor"]),
-       st.booleans())
-def test_fuzz_axpby(shapes_, dtype, layout, seed, a, b, kind, aliased):
+       st.booleans(), st.booleans())
+def test_fuzz_axpby(shapes_, dtype, layout, seed, a, b, kind, aliased, exact):
     ys, xs = make_lists(2, shapes_, dtype, layout, seed)
     wrap = {"float": lambda v: v, "f64 tensor": lambda v: torch.tensor(v, dtype=torch.float64),
             "f32 tensor": lambda v: torch.tensor(v, dtype=torch.float32)}[kind]
     got, want = clone(ys), clone(ys)
     if aliased:  # xs is ys: allowed, each element read before it is written
-        on("cpu", ops.mt_axpby_, got, got, wrap(a), wrap(b))
-        on("reference", ops.mt_axpby_, want, clone(want), wrap(a), wrap(b))
+        on("cpu", ops.mt_axpby_, got, got, wrap(a), wrap(b), exact=exact)
+        on("reference", ops.mt_axpby_, want, clone(want), wrap(a), wrap(b), exact=exact)
     else:
-        on("cpu", ops.mt_axpby_, got, xs, wrap(a), wrap(b))
-        on("reference", ops.mt_axpby_, want, xs, wrap(a), wrap(b))
+        on("cpu", ops.mt_axpby_, got, xs, wrap(a), wrap(b), exact=exact)
+        on("reference", ops.mt_axpby_, want, xs, wrap(a), wrap(b), exact=exact)
     assert_same(got, want)
 
 
 @FUZZ
-@given(list_shapes, dtypes, layouts, seeds, coefs, coefs, st.booleans())
-def test_fuzz_cg_step_and_direction(shapes_, dtype, layout, seed, alpha, beta, precond):
+@given(list_shapes, dtypes, layouts, seeds, coefs, coefs, st.booleans(), st.booleans())
+def test_fuzz_cg_step_and_direction(shapes_, dtype, layout, seed, alpha, beta, precond, exact):
     xs, rs, ps, hps, m = make_lists(5, shapes_, dtype, layout, seed, positive=(4,))
     minv = m if precond else None
     x1, r1, x2, r2 = clone(xs), clone(rs), clone(xs), clone(rs)
-    n1 = on("cpu", ops.mt_cg_step_, x1, r1, ps, hps, alpha, minv)
-    n2 = on("reference", ops.mt_cg_step_, x2, r2, ps, hps, alpha, minv)
+    n1 = on("cpu", ops.mt_cg_step_, x1, r1, ps, hps, alpha, minv, exact=exact)
+    n2 = on("reference", ops.mt_cg_step_, x2, r2, ps, hps, alpha, minv, exact=exact)
     assert_same(x1, x2)
     assert_same(r1, r2)
     assert_close_reduction(n1, n2, abs_scale(x2, r2) * (1 + (abs_scale(minv) if precond else 0)))
     p1, p2 = as_layout(ps, layout), as_layout(ps, layout)
-    on("cpu", ops.mt_cg_direction_, p1, r1, beta, minv)
-    on("reference", ops.mt_cg_direction_, p2, r2, beta, minv)
+    on("cpu", ops.mt_cg_direction_, p1, r1, beta, minv, exact=exact)
+    on("reference", ops.mt_cg_direction_, p2, r2, beta, minv, exact=exact)
     assert_same(p1, p2)
 
 

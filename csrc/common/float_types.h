@@ -11,6 +11,9 @@
 //     spare bits; float32 has 16 over bf16 and 13 over fp16).
 // The CUDA kernels use __double2bfloat16 / __double2half (single RNE rounding),
 // so CPU and GPU produce the same bits.
+// Exception: the element-wise multi-tensor ops on bfloat16/float16 storage with
+// exact=False (their default) compute in float32 with one rounding per operation
+// and then round once into the 16-bit type (csrc/common/multi_tensor_math.h).
 #pragma once
 
 #include <cmath>

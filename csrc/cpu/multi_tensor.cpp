@@ -9,6 +9,7 @@
 #include <omp.h>
 #endif
 
+#include "../common/multi_tensor_math.h"
 #include "target_clones.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -266,6 +267,272 @@ LLMOPT_INLINE void cg_direction_loop(T* __restrict p, const T* __restrict r,
   }
 }
 
+// ---- bf16 / fp16 with exact == false: float32 math ---------------------------------
+//
+// Contract (csrc/common/multi_tensor_math.h, shared with the CUDA kernels): the 16-bit
+// values are loaded exactly into float32 (bf16: a shift; fp16: the branch-free
+// detail::f16_to_f32), the scalars are float32, each product and sum is rounded to
+// float32 in the written order (-ffp-contract=off: no FMA), and the float32 result is
+// rounded once, to nearest even, into the storage (the branch-free
+// detail::f32_to_bf16_rne / f32_to_f16_rne). The plain loops below are the portable
+// versions; x86-64-v3 CPUs run the AVX2/F16C versions after them (same operations,
+// 8 elements a step). This path is memory-bound where the float64 one (~13 GB/s on
+// bf16) was compute-bound. cg_step's norms are the float64 lanes of the exact path,
+// over the stored values.
+
+LLMOPT_INLINE float ld32(bf16 v) { return detail::f32_from_bits(static_cast<uint32_t>(v.bits) << 16); }
+LLMOPT_INLINE float ld32(fp16 v) { return detail::f16_to_f32(v.bits); }
+
+template <class T> LLMOPT_INLINE T st16(float f);
+template <> LLMOPT_INLINE bf16 st16<bf16>(float f) { return bf16{detail::f32_to_bf16_rne(f)}; }
+template <> LLMOPT_INLINE fp16 st16<fp16>(float f) { return fp16{detail::f32_to_f16_rne(f)}; }
+
+template <class T>
+LLMOPT_INLINE void axpby_f32_range(T* __restrict y, const T* __restrict x, int64_t n, float a,
+                                   float b) {
+  for (int64_t i = 0; i < n; ++i) y[i] = st16<T>(mt::axpby_f32(a, ld32(x[i]), b, ld32(y[i])));
+}
+
+// xs is ys (the one aliasing the op allows): one pointer, so the loop stays restrict.
+template <class T>
+LLMOPT_INLINE void axpby_f32_self(T* __restrict y, int64_t n, float a, float b) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = ld32(y[i]);
+    y[i] = st16<T>(mt::axpby_f32(a, v, b, v));
+  }
+}
+
+template <class T, bool kPre>
+LLMOPT_INLINE void cg_step_f32_loop(T* __restrict x, T* __restrict r, const T* __restrict p,
+                                    const T* __restrict hp, const T* __restrict minv, int64_t n,
+                                    float alpha, double* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = st16<T>(mt::cg_update_f32(ld32(x[i]), alpha, ld32(p[i])));
+    r[i] = st16<T>(mt::cg_update_f32(ld32(r[i]), alpha, ld32(hp[i])));
+  }
+  double ax[kLanes] = {}, ar[kLanes] = {}, az[kLanes] = {};
+  cg_norm_lanes<T, kPre>(ax, ar, az, x, r, minv, n);
+  out[0] = lane_sum(ax);
+  out[1] = lane_sum(ar);
+  out[2] = kPre ? lane_sum(az) : out[1];
+}
+
+template <class T, bool kPre>
+LLMOPT_INLINE void cg_direction_f32_loop(T* __restrict p, const T* __restrict r,
+                                         const T* __restrict minv, int64_t n, float beta) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float rv = ld32(r[i]);
+    const float z = kPre ? mt::precond_f32(ld32(minv[i]), rv) : rv;
+    p[i] = st16<T>(mt::cg_direction_f32(beta, ld32(p[i]), z));
+  }
+}
+
+#ifdef LLMOPT_MT_FMV
+// AVX2 (+F16C) versions, 8 elements a step, with the same per-element operations as the
+// loops above: GCC did not vectorise the fp16 conversions well (the fp16 loops ran slower
+// than the float64 path), and the loops cannot fuse cg_step's norms (the store-then-reload
+// does not vectorise). Here cg_step rounds, stores, and accumulates the stored values'
+// squares in one pass, in the double lanes of cg_norm_lanes (lane j = element i mod 32,
+// kLanes = 4 groups of 8 floats = 8 __m256d), so its norms keep the exact path's bits.
+// fp16 rounding is vcvtps2ph (RNE, = f32_to_f16_rne except for NaN payloads, which
+// keep their top bits instead of becoming 0x7e00). 16 elements a step: bf16 packs two
+// vectors of rounded bits into one 256-bit store.
+template <class T> LLMOPT_MT_AVX2_INLINE __m256 from8(__m128i h);
+template <> LLMOPT_MT_AVX2_INLINE __m256 from8<bf16>(__m128i h) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+template <> LLMOPT_MT_AVX2_INLINE __m256 from8<fp16>(__m128i h) { return _mm256_cvtph_ps(h); }
+
+template <class T> LLMOPT_MT_AVX2_INLINE __m256 ld8(const T* p) {
+  return from8<T>(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Rounds 2 x 8 floats into T (RNE), stores the 16 elements at p, and returns the stored
+// values as floats in f0, f1.
+template <class T>
+LLMOPT_MT_AVX2_INLINE void round_store16(T* p, __m256 v0, __m256 v1, __m256& f0, __m256& f1);
+
+LLMOPT_MT_AVX2_INLINE __m256i bf16_bits(__m256 v) {  // = f32_to_bf16_rne, in 32-bit lanes, no NaN
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+}
+template <>
+LLMOPT_MT_AVX2_INLINE void round_store16<bf16>(bf16* p, __m256 v0, __m256 v1, __m256& f0, __m256& f1) {
+  if (_mm256_movemask_ps(_mm256_cmp_ps(v0, v1, _CMP_UNORD_Q))) {  // a NaN: the scalar rounding
+    alignas(32) float t[16];
+    _mm256_store_ps(t, v0);
+    _mm256_store_ps(t + 8, v1);
+    for (int e = 0; e < 16; ++e) p[e] = st16<bf16>(t[e]);
+    f0 = ld8(p);
+    f1 = ld8(p + 8);
+    return;
+  }
+  const __m256i b0 = bf16_bits(v0), b1 = bf16_bits(v1);
+  // packus: [b0 0..3, b1 0..3 | b0 4..7, b1 4..7] -> quads 0, 2, 1, 3
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm256_permute4x64_epi64(_mm256_packus_epi32(b0, b1), 0xD8));
+  f0 = _mm256_castsi256_ps(_mm256_slli_epi32(b0, 16));
+  f1 = _mm256_castsi256_ps(_mm256_slli_epi32(b1, 16));
+}
+template <>
+LLMOPT_MT_AVX2_INLINE void round_store16<fp16>(fp16* p, __m256 v0, __m256 v1, __m256& f0, __m256& f1) {
+  const __m128i h0 = _mm256_cvtps_ph(v0, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m128i h1 = _mm256_cvtps_ph(v1, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h0);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), h1);
+  f0 = _mm256_cvtph_ps(h0);
+  f1 = _mm256_cvtph_ps(h1);
+}
+
+template <class T>
+LLMOPT_MT_AVX2_INLINE void axpby_f32_avx2(T* y, const T* x, int64_t n, float a, float b) {
+  const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
+  int64_t i = 0;
+  __m256 f0, f1;
+  for (; i + 16 <= n; i += 16)  // x may be y: both loaded before the store
+    round_store16(y + i,
+                  _mm256_add_ps(_mm256_mul_ps(va, ld8(x + i)), _mm256_mul_ps(vb, ld8(y + i))),
+                  _mm256_add_ps(_mm256_mul_ps(va, ld8(x + i + 8)), _mm256_mul_ps(vb, ld8(y + i + 8))),
+                  f0, f1);
+  for (; i < n; ++i) y[i] = st16<T>(mt::axpby_f32(a, ld32(x[i]), b, ld32(y[i])));
+}
+
+template <class T, bool kPre>
+LLMOPT_MT_AVX2_INLINE __m256 direction8(__m256 vb, const T* p, const T* r, const T* minv) {
+  const __m256 rv = ld8(r);
+  const __m256 z = kPre ? _mm256_mul_ps(ld8(minv), rv) : rv;
+  return _mm256_sub_ps(_mm256_mul_ps(vb, ld8(p)), z);
+}
+
+template <class T, bool kPre>
+LLMOPT_MT_AVX2_INLINE void cg_direction_f32_avx2(T* p, const T* r, const T* minv, int64_t n,
+                                                 float beta) {
+  const __m256 vb = _mm256_set1_ps(beta);
+  int64_t i = 0;
+  __m256 f0, f1;
+  for (; i + 16 <= n; i += 16)
+    round_store16(p + i, direction8<T, kPre>(vb, p + i, r + i, minv + i),
+                  direction8<T, kPre>(vb, p + i + 8, r + i + 8, minv + i + 8), f0, f1);
+  for (; i < n; ++i) {
+    const float rv = ld32(r[i]);
+    const float z = kPre ? mt::precond_f32(ld32(minv[i]), rv) : rv;
+    p[i] = st16<T>(mt::cg_direction_f32(beta, ld32(p[i]), z));
+  }
+}
+
+// acc[h] += d(v_h)^2 and so on for the two halves of 8 floats (no FMA: -ffp-contract=off).
+LLMOPT_MT_AVX2_INLINE __m256d lo_pd(__m256 v) { return _mm256_cvtps_pd(_mm256_castps256_ps128(v)); }
+LLMOPT_MT_AVX2_INLINE __m256d hi_pd(__m256 v) { return _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)); }
+
+template <class T, bool kPre>
+LLMOPT_MT_AVX2_INLINE void cg_step_f32_avx2(T* x, T* r, const T* p, const T* hp, const T* minv,
+                                            int64_t n, float alpha, double* out) {
+  static_assert(kLanes == 32, "4 groups of 8 floats = 8 vectors of 4 doubles");
+  __m256d ax[8], ar[8], az[8];
+  for (int v = 0; v < 8; ++v) ax[v] = ar[v] = az[v] = _mm256_setzero_pd();
+  const __m256 va = _mm256_set1_ps(alpha);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma GCC unroll 2
+    for (int g = 0; g < 4; g += 2) {
+      const int64_t k = i + 8 * g;
+      __m256 xv[2], rv[2];  // the stored values of elements k .. k + 15
+      round_store16(x + k, _mm256_add_ps(ld8(x + k), _mm256_mul_ps(va, ld8(p + k))),
+                    _mm256_add_ps(ld8(x + k + 8), _mm256_mul_ps(va, ld8(p + k + 8))), xv[0], xv[1]);
+      round_store16(r + k, _mm256_add_ps(ld8(r + k), _mm256_mul_ps(va, ld8(hp + k))),
+                    _mm256_add_ps(ld8(r + k + 8), _mm256_mul_ps(va, ld8(hp + k + 8))), rv[0], rv[1]);
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const int v = 2 * (g + h);  // lanes 4v .. 4v + 7
+        const __m256d x0 = lo_pd(xv[h]), x1 = hi_pd(xv[h]), r0 = lo_pd(rv[h]), r1 = hi_pd(rv[h]);
+        ax[v] = _mm256_add_pd(ax[v], _mm256_mul_pd(x0, x0));
+        ax[v + 1] = _mm256_add_pd(ax[v + 1], _mm256_mul_pd(x1, x1));
+        ar[v] = _mm256_add_pd(ar[v], _mm256_mul_pd(r0, r0));
+        ar[v + 1] = _mm256_add_pd(ar[v + 1], _mm256_mul_pd(r1, r1));
+        if (kPre) {
+          const __m256 mv = ld8(minv + k + 8 * h);
+          az[v] = _mm256_add_pd(az[v], _mm256_mul_pd(r0, _mm256_mul_pd(lo_pd(mv), r0)));
+          az[v + 1] = _mm256_add_pd(az[v + 1], _mm256_mul_pd(r1, _mm256_mul_pd(hi_pd(mv), r1)));
+        }
+      }
+    }
+  }
+  alignas(32) double sx[kLanes], sr[kLanes], sz[kLanes];
+  for (int v = 0; v < 8; ++v) {
+    _mm256_store_pd(sx + 4 * v, ax[v]);
+    _mm256_store_pd(sr + 4 * v, ar[v]);
+    _mm256_store_pd(sz + 4 * v, az[v]);
+  }
+  for (int j = 0; i < n; ++i, ++j) {  // the tail, in lanes 0.. as cg_norm_lanes
+    x[i] = st16<T>(mt::cg_update_f32(ld32(x[i]), alpha, ld32(p[i])));
+    r[i] = st16<T>(mt::cg_update_f32(ld32(r[i]), alpha, ld32(hp[i])));
+    const double xv = ld32(x[i]), rv = ld32(r[i]);
+    sx[j] += xv * xv;
+    sr[j] += rv * rv;
+    if (kPre) sz[j] += rv * (static_cast<double>(ld32(minv[i])) * rv);
+  }
+  out[0] = lane_sum(sx);
+  out[1] = lane_sum(sr);
+  out[2] = kPre ? lane_sum(sz) : out[1];
+}
+
+#define LLMOPT_F32_KERNELS_AVX2(T, S)                                                        \
+  LLMOPT_MT_AVX2 void axpby_f32_##S(T* y, const T* x, int64_t n, float a, float b) {         \
+    axpby_f32_avx2(y, x, n, a, b);                                                           \
+  }                                                                                          \
+  LLMOPT_MT_AVX2 void cg_step_f32_##S(T* x, T* r, const T* p, const T* hp, const T* minv,   \
+                                      int64_t n, float alpha, double* out) {                 \
+    if (minv) cg_step_f32_avx2<T, true>(x, r, p, hp, minv, n, alpha, out);                   \
+    else cg_step_f32_avx2<T, false>(x, r, p, hp, minv, n, alpha, out);                       \
+  }                                                                                          \
+  LLMOPT_MT_AVX2 void cg_direction_f32_##S(T* p, const T* r, const T* minv, int64_t n,       \
+                                           float beta) {                                     \
+    if (minv) cg_direction_f32_avx2<T, true>(p, r, minv, n, beta);                           \
+    else cg_direction_f32_avx2<T, false>(p, r, minv, n, beta);                               \
+  }
+LLMOPT_F32_KERNELS_AVX2(bf16, bf16)
+LLMOPT_F32_KERNELS_AVX2(fp16, f16)
+#define LLMOPT_F32_PORTABLE LLMOPT_MT_BASE
+#else
+#define LLMOPT_F32_PORTABLE
+#endif
+
+// The portable versions (CPUs without AVX2, other compilers).
+#define LLMOPT_F32_KERNELS(T, S)                                                             \
+  LLMOPT_F32_PORTABLE void axpby_f32_##S(T* y, const T* x, int64_t n, float a, float b) {    \
+    if (x == y) axpby_f32_self(y, n, a, b);                                                  \
+    else axpby_f32_range(y, x, n, a, b);                                                     \
+  }                                                                                          \
+  LLMOPT_F32_PORTABLE void cg_step_f32_##S(T* x, T* r, const T* p, const T* hp,              \
+                                           const T* minv, int64_t n, float alpha,            \
+                                           double* out) {                                    \
+    if (minv) cg_step_f32_loop<T, true>(x, r, p, hp, minv, n, alpha, out);                   \
+    else cg_step_f32_loop<T, false>(x, r, p, hp, minv, n, alpha, out);                       \
+  }                                                                                          \
+  LLMOPT_F32_PORTABLE void cg_direction_f32_##S(T* p, const T* r, const T* minv, int64_t n,  \
+                                                float beta) {                                \
+    if (minv) cg_direction_f32_loop<T, true>(p, r, minv, n, beta);                           \
+    else cg_direction_f32_loop<T, false>(p, r, minv, n, beta);                               \
+  }                                                                                          \
+  struct F32Kernels_##S {                                                                    \
+    static void axpby(T* y, const T* x, int64_t n, float a, float b) {                       \
+      axpby_f32_##S(y, x, n, a, b);                                                          \
+    }                                                                                        \
+    static void cg_step(T* x, T* r, const T* p, const T* hp, const T* m, int64_t n, float al, \
+                        double* out) { cg_step_f32_##S(x, r, p, hp, m, n, al, out); }       \
+    static void cg_direction(T* p, const T* r, const T* m, int64_t n, float be) {            \
+      cg_direction_f32_##S(p, r, m, n, be);                                                  \
+    }                                                                                        \
+  };
+
+LLMOPT_F32_KERNELS(bf16, bf16)
+LLMOPT_F32_KERNELS(fp16, f16)
+
+template <class T> struct F32KernelsFor;
+template <> struct F32KernelsFor<bf16> : F32Kernels_bf16 {};
+template <> struct F32KernelsFor<fp16> : F32Kernels_f16 {};
+
 // One cloned entry point per (op, dtype): target_clones does not apply to
 // templates, so the templates above are force-inlined into these.
 #define LLMOPT_RANGE_KERNELS(T, S)                                                           \
@@ -410,10 +677,18 @@ double mt_norm_sq(const ListShape& s, ConstList xs) {
   return out;
 }
 
-void mt_axpby(const ListShape& s, MutList ys, ConstList xs, float a, float b) {
+void mt_axpby(const ListShape& s, MutList ys, ConstList xs, float a, float b, bool exact) {
   const Work w = make_work(s);
   dispatch(s.dtype, [&](auto tag) {
     using T = decltype(tag);
+    if constexpr (!std::is_same_v<T, float>) {
+      if (!exact) {
+        for_each_chunk(w, [&](int64_t, const Chunk& ch) {
+          F32KernelsFor<T>::axpby(at<T>(ys, ch), at<T>(xs, ch), ch.len, a, b);
+        });
+        return;
+      }
+    }
     for_each_chunk(w, [&](int64_t, const Chunk& ch) {
       KernelsFor<T>::axpby(at<T>(ys, ch), at<T>(xs, ch), ch.len, a, b);
     });
@@ -421,11 +696,21 @@ void mt_axpby(const ListShape& s, MutList ys, ConstList xs, float a, float b) {
 }
 
 CgStepNorms mt_cg_step(const ListShape& s, MutList xs, MutList rs, ConstList ps, ConstList hps,
-                       ConstList minv, float alpha) {
+                       ConstList minv, float alpha, bool exact) {
   const Work w = make_work(s);
   std::vector<double> partial(w.chunks.size() * 3);
   dispatch(s.dtype, [&](auto tag) {
     using T = decltype(tag);
+    if constexpr (!std::is_same_v<T, float>) {
+      if (!exact) {
+        for_each_chunk(w, [&](int64_t c, const Chunk& ch) {
+          const T* m = minv.ptrs ? at<T>(minv, ch) : nullptr;
+          F32KernelsFor<T>::cg_step(at<T>(xs, ch), at<T>(rs, ch), at<T>(ps, ch), at<T>(hps, ch), m,
+                                    ch.len, alpha, &partial[3 * c]);
+        });
+        return;
+      }
+    }
     for_each_chunk(w, [&](int64_t c, const Chunk& ch) {
       const T* m = minv.ptrs ? at<T>(minv, ch) : nullptr;
       KernelsFor<T>::cg_step(at<T>(xs, ch), at<T>(rs, ch), at<T>(ps, ch), at<T>(hps, ch), m,
@@ -437,10 +722,20 @@ CgStepNorms mt_cg_step(const ListShape& s, MutList xs, MutList rs, ConstList ps,
   return {out[0], out[1], out[2]};
 }
 
-void mt_cg_direction(const ListShape& s, MutList ps, ConstList rs, ConstList minv, float beta) {
+void mt_cg_direction(const ListShape& s, MutList ps, ConstList rs, ConstList minv, float beta,
+                     bool exact) {
   const Work w = make_work(s);
   dispatch(s.dtype, [&](auto tag) {
     using T = decltype(tag);
+    if constexpr (!std::is_same_v<T, float>) {
+      if (!exact) {
+        for_each_chunk(w, [&](int64_t, const Chunk& ch) {
+          const T* m = minv.ptrs ? at<T>(minv, ch) : nullptr;
+          F32KernelsFor<T>::cg_direction(at<T>(ps, ch), at<T>(rs, ch), m, ch.len, beta);
+        });
+        return;
+      }
+    }
     for_each_chunk(w, [&](int64_t, const Chunk& ch) {
       const T* m = minv.ptrs ? at<T>(minv, ch) : nullptr;
       KernelsFor<T>::cg_direction(at<T>(ps, ch), at<T>(rs, ch), m, ch.len, beta);

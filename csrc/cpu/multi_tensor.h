@@ -4,10 +4,15 @@
 // elements of one DType. All lists passed to one call have the same count,
 // the same numels and the same DType (the torch glue checks this).
 //
-// Arithmetic: every element is loaded exactly into double, each output is
-// rounded once into its storage type, and reductions accumulate in double
-// with a fixed summation order, so results do not depend on the number of
-// threads (see csrc/common/float_types.h).
+// Arithmetic: reductions accumulate in double with a fixed summation order, so
+// results do not depend on the number of threads. Element-wise outputs:
+//   - float32 storage, or exact == true: every element is loaded exactly into
+//     double, and each output is rounded once into its storage type
+//     (csrc/common/float_types.h);
+//   - bfloat16/float16 storage with exact == false (the default of the Python
+//     ops): float32 math, each product and sum rounded to float32 in a written
+//     order, then one RNE rounding into the 16-bit storage
+//     (csrc/common/multi_tensor_math.h).
 #pragma once
 
 #include <cstdint>
@@ -33,7 +38,7 @@ double mt_dot(const ListShape& s, ConstList xs, ConstList ys);
 // sum_i ||xs[i]||^2
 double mt_norm_sq(const ListShape& s, ConstList xs);
 // ys[i] = a * xs[i] + b * ys[i]
-void mt_axpby(const ListShape& s, MutList ys, ConstList xs, float a, float b);
+void mt_axpby(const ListShape& s, MutList ys, ConstList xs, float a, float b, bool exact);
 
 struct CgStepNorms {
   double x_norm_sq;  // ||x||^2 of the updated x
@@ -43,9 +48,10 @@ struct CgStepNorms {
 // x += alpha * p; r += alpha * hp; returns the norms of the updated vectors.
 // minv (M^-1 as a diagonal, same shapes) may have ptrs == nullptr.
 CgStepNorms mt_cg_step(const ListShape& s, MutList xs, MutList rs, ConstList ps, ConstList hps,
-                       ConstList minv, float alpha);
+                       ConstList minv, float alpha, bool exact);
 // p = -(M^-1 r) + beta * p   (M^-1 = identity when minv.ptrs == nullptr)
-void mt_cg_direction(const ListShape& s, MutList ps, ConstList rs, ConstList minv, float beta);
+void mt_cg_direction(const ListShape& s, MutList ps, ConstList rs, ConstList minv, float beta,
+                     bool exact);
 
 // Rounds n doubles into n elements of `dtype` at out, bit for bit as store<T>
 // (float_types.h): the block converter the bf16/fp16 kernels use (AVX2 where the

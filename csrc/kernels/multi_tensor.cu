@@ -7,10 +7,22 @@
 // are exact in double, products of two 16/32-bit floats are exact in double
 // (so FMA contraction cannot change a result), and each output is rounded
 // once with __double2float_rn / __double2bfloat16 / __double2half (RNE).
+// bfloat16/float16 with exact == false (the ops' default) instead take the
+// float32 math of csrc/common/multi_tensor_math.h, shared with the CPU kernels:
+// loads exact in float, float32 scalars, every product and sum rounded to float
+// separately through __fmul_rn/__fadd_rn/__fsub_rn (never contracted into an
+// FMA), then one __float2bfloat16_rn / __float2half_rn: axpby
+// y = R16(fl(fl(a*x) + fl(b*y))); cg_step x = R16(fl(x + fl(alpha*p))),
+// r = R16(fl(r + fl(alpha*hp))); cg_direction z = minv ? fl(minv*r) : r,
+// p = R16(fl(fl(beta*p) - z)). cg_step's norms are float64 sums of the stored
+// values either way.
 // Reductions accumulate in double: per thread, then warp shuffles, then one
 // partial per block in a workspace, summed in a fixed order by a finalize
 // kernel, so the result does not depend on scheduling.
 
+#include <type_traits>
+
+#include "../common/multi_tensor_math.h"
 #include "multi_tensor_apply.cuh"
 #include "multi_tensor_cuda.h"
 #include "storage_types.cuh"
@@ -34,6 +46,15 @@ __device__ __forceinline__ double ld(void* const* p, int d, int64_t i) {
 
 __device__ __forceinline__ double resolve(Scalar s) {
   return s.ptr != nullptr ? static_cast<double>(__ldg(s.ptr)) : static_cast<double>(s.value);
+}
+
+template <class T>
+__device__ __forceinline__ float ld32(void* const* p, int d, int64_t i) {
+  return to_f32(static_cast<const T*>(p[d])[i]);
+}
+
+__device__ __forceinline__ float resolve_f32(Scalar s) {
+  return s.ptr != nullptr ? __ldg(s.ptr) : s.value;
 }
 
 // ---- element-wise bodies --------------------------------------------------
@@ -110,6 +131,66 @@ struct CgDirectionOp {  // p = {p (written), r, minv}
     static_cast<T*>(p[0])[i] = from_f64<T>(beta * v.p - z);
   }
 };
+
+// ---- bfloat16/float16, exact == false: float32 math (multi_tensor_math.h) ----
+
+template <class T>
+struct AxpbyF32Op {  // p[0] = y (written), p[1] = x
+  static constexpr int kDepth = 2, kOut = 0;
+  Scalar sa, sb;
+  float a, b;
+  struct In { float y, x; };
+  __device__ void init() { a = resolve_f32(sa); b = resolve_f32(sb); }
+  __device__ In load(void* const* p, int64_t i) const { return {ld32<T>(p, 0, i), ld32<T>(p, 1, i)}; }
+  __device__ void apply(void* const* p, int64_t i, const In& v, double*) const {
+    static_cast<T*>(p[0])[i] = from_f32<T>(mt::axpby_f32(a, v.x, b, v.y));
+  }
+};
+
+template <class T, bool kPre>
+struct CgStepF32Op {  // p = {x (written), r (written), p, hp, minv}
+  static constexpr int kDepth = kPre ? 5 : 4, kOut = 3;
+  Scalar salpha;
+  float alpha;
+  struct In { float x, r, p, hp; double m; };
+  __device__ void init() { alpha = resolve_f32(salpha); }
+  __device__ In load(void* const* p, int64_t i) const {
+    return {ld32<T>(p, 0, i), ld32<T>(p, 1, i), ld32<T>(p, 2, i), ld32<T>(p, 3, i),
+            kPre ? ld<T>(p, kDepth - 1, i) : 1.0};
+  }
+  __device__ void apply(void* const* p, int64_t i, const In& v, double* acc) const {
+    const T xn = from_f32<T>(mt::cg_update_f32(v.x, alpha, v.p));
+    const T rn = from_f32<T>(mt::cg_update_f32(v.r, alpha, v.hp));
+    static_cast<T*>(p[0])[i] = xn;
+    static_cast<T*>(p[1])[i] = rn;
+    const double xv = to_f64(xn), rv = to_f64(rn);  // the norms as on the exact path
+    acc[0] += xv * xv;
+    acc[1] += rv * rv;
+    acc[2] += kPre ? rv * (v.m * rv) : rv * rv;
+  }
+};
+
+template <class T, bool kPre>
+struct CgDirectionF32Op {  // p = {p (written), r, minv}
+  static constexpr int kDepth = kPre ? 3 : 2, kOut = 0;
+  Scalar sbeta;
+  float beta;
+  struct In { float p, r, m; };
+  __device__ void init() { beta = resolve_f32(sbeta); }
+  __device__ In load(void* const* p, int64_t i) const {
+    return {ld32<T>(p, 0, i), ld32<T>(p, 1, i), kPre ? ld32<T>(p, kDepth - 1, i) : 1.0f};
+  }
+  __device__ void apply(void* const* p, int64_t i, const In& v, double*) const {
+    const float z = kPre ? mt::precond_f32(v.m, v.r) : v.r;
+    static_cast<T*>(p[0])[i] = from_f32<T>(mt::cg_direction_f32(beta, v.p, z));
+  }
+};
+
+// The float32 path applies to 16-bit storage with exact == false only.
+template <class T>
+constexpr bool use_f32(bool exact) {
+  return !exact && !std::is_same<T, float>::value;
+}
 
 // ---- reductions -----------------------------------------------------------
 
@@ -245,10 +326,16 @@ cudaError_t mt_norm_sq(const ListShape& s, const void* const* xs, float* out, do
 }
 
 cudaError_t mt_axpby(const ListShape& s, void* const* ys, const void* const* xs, Scalar a,
-                     Scalar b, cudaStream_t stream) {
+                     Scalar b, bool exact, cudaStream_t stream) {
   return dispatch(s.dtype, [&](auto tag) {
     using T = decltype(tag);
     void* const* lists[] = {ys, mut(xs)};
+    if (use_f32<T>(exact)) {
+      AxpbyF32Op<T> op{};
+      op.sa = a;
+      op.sb = b;
+      return launch(s, lists, op, nullptr, stream);
+    }
     AxpbyOp<T> op{};
     op.sa = a;
     op.sb = b;
@@ -258,12 +345,23 @@ cudaError_t mt_axpby(const ListShape& s, void* const* ys, const void* const* xs,
 
 cudaError_t mt_cg_step(const ListShape& s, void* const* xs, void* const* rs,
                        const void* const* ps, const void* const* hps, const void* const* minv,
-                       Scalar alpha, float* out, double* workspace, cudaStream_t stream) {
+                       Scalar alpha, bool exact, float* out, double* workspace,
+                       cudaStream_t stream) {
   return dispatch(s.dtype, [&](auto tag) {
     using T = decltype(tag);
     int64_t nb;
     cudaError_t err;
-    if (minv != nullptr) {
+    if (use_f32<T>(exact) && minv != nullptr) {
+      void* const* lists[] = {xs, rs, mut(ps), mut(hps), mut(minv)};
+      CgStepF32Op<T, true> op{};
+      op.salpha = alpha;
+      err = launch(s, lists, op, workspace, stream, &nb);
+    } else if (use_f32<T>(exact)) {
+      void* const* lists[] = {xs, rs, mut(ps), mut(hps)};
+      CgStepF32Op<T, false> op{};
+      op.salpha = alpha;
+      err = launch(s, lists, op, workspace, stream, &nb);
+    } else if (minv != nullptr) {
       void* const* lists[] = {xs, rs, mut(ps), mut(hps), mut(minv)};
       CgStepOp<T, true> op{};
       op.salpha = alpha;
@@ -279,9 +377,22 @@ cudaError_t mt_cg_step(const ListShape& s, void* const* xs, void* const* rs,
 }
 
 cudaError_t mt_cg_direction(const ListShape& s, void* const* ps, const void* const* rs,
-                            const void* const* minv, Scalar beta, cudaStream_t stream) {
+                            const void* const* minv, Scalar beta, bool exact,
+                            cudaStream_t stream) {
   return dispatch(s.dtype, [&](auto tag) {
     using T = decltype(tag);
+    if (use_f32<T>(exact)) {
+      if (minv != nullptr) {
+        void* const* lists[] = {ps, mut(rs), mut(minv)};
+        CgDirectionF32Op<T, true> op{};
+        op.sbeta = beta;
+        return launch(s, lists, op, nullptr, stream);
+      }
+      void* const* lists[] = {ps, mut(rs)};
+      CgDirectionF32Op<T, false> op{};
+      op.sbeta = beta;
+      return launch(s, lists, op, nullptr, stream);
+    }
     if (minv != nullptr) {
       void* const* lists[] = {ps, mut(rs), mut(minv)};
       CgDirectionOp<T, true> op{};

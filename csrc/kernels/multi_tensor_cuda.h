@@ -38,15 +38,19 @@ cudaError_t mt_dot(const ListShape& s, const void* const* xs, const void* const*
                    double* workspace, cudaStream_t stream);
 cudaError_t mt_norm_sq(const ListShape& s, const void* const* xs, float* out, double* workspace,
                        cudaStream_t stream);
+// exact: float64 math for bfloat16/float16 storage; false: the float32 math of
+// csrc/common/multi_tensor_math.h. float32 storage always takes the float64 path.
 cudaError_t mt_axpby(const ListShape& s, void* const* ys, const void* const* xs, Scalar a,
-                     Scalar b, cudaStream_t stream);
+                     Scalar b, bool exact, cudaStream_t stream);
 // out: device float[3] = {||x||^2, ||r||^2, r^T M^-1 r}; workspace: reduction_workspace(s, 3).
 // minv == nullptr means no preconditioner.
 cudaError_t mt_cg_step(const ListShape& s, void* const* xs, void* const* rs,
                        const void* const* ps, const void* const* hps, const void* const* minv,
-                       Scalar alpha, float* out, double* workspace, cudaStream_t stream);
+                       Scalar alpha, bool exact, float* out, double* workspace,
+                       cudaStream_t stream);
 cudaError_t mt_cg_direction(const ListShape& s, void* const* ps, const void* const* rs,
-                            const void* const* minv, Scalar beta, cudaStream_t stream);
+                            const void* const* minv, Scalar beta, bool exact,
+                            cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace llmopt_ext

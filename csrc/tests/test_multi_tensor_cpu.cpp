@@ -250,8 +250,42 @@ template <class T> static T round_into(long double v) {
   return store<T>((double)v);  // exact inputs: the double value equals v up to 2^-53 rel.
 }
 
+// The fast path (exact == false, 16-bit storage), written out independently of
+// csrc/common/multi_tensor_math.h: float32 operations one at a time (this file is
+// built with -ffp-contract=off), then one RNE rounding into T.
+template <class T> static T round_f32(float f);
+template <> bf16 round_f32<bf16>(float f) { return bf16{detail::f32_to_bf16_rne(f)}; }
+template <> fp16 round_f32<fp16>(float f) { return fp16{detail::f32_to_f16_rne(f)}; }
+template <> float round_f32<float>(float f) { return f; }
+static float f32(long double v) { return static_cast<float>(v); }  // exact for loaded values
+
+// exact || float32 storage: the float64 formula; otherwise the float32 one.
+template <class T> static bool f32_path(bool exact) { return !exact && !std::is_same_v<T, float>; }
+
+template <class T> static long double want_axpby(bool exact, float a, long double x, float b, long double y) {
+  if (!f32_path<T>(exact)) return load(round_into<T>((long double)a * x + (long double)b * y));
+  const float ax = a * f32(x);
+  const float by = b * f32(y);
+  const float sum = ax + by;
+  return load(round_f32<T>(sum));
+}
+template <class T> static long double want_update(bool exact, long double v, float alpha, long double d) {
+  if (!f32_path<T>(exact)) return load(round_into<T>(v + (long double)alpha * d));
+  const float ad = alpha * f32(d);
+  const float sum = f32(v) + ad;
+  return load(round_f32<T>(sum));
+}
+template <class T> static long double want_direction(bool exact, float beta, long double p, bool pre,
+                                                     long double m, long double r) {
+  if (!f32_path<T>(exact)) return load(round_into<T>((long double)beta * p - (pre ? m : 1.0L) * r));
+  const float z = pre ? f32(m) * f32(r) : f32(r);
+  const float bp = beta * f32(p);
+  const float diff = bp - z;
+  return load(round_f32<T>(diff));
+}
+
 template <class T>
-static void test_ops(const std::vector<int64_t>& numels, uint64_t seed) {
+static void test_ops(const std::vector<int64_t>& numels, uint64_t seed, bool exact) {
   std::mt19937_64 rng(seed);
   const cpu::ListShape s{dtype_of<T>(), (int64_t)numels.size(), numels.data()};
   Lists<T> x(numels, rng), y(numels, rng), p(numels, rng), hp(numels, rng);
@@ -282,19 +316,31 @@ static void test_ops(const std::vector<int64_t>& numels, uint64_t seed) {
   CHECK(d1 == d2, "mt_dot depends on the thread count: %.17g vs %.17g", d1, d2);
 #endif
 
-  // axpby: y = a x + b y, one rounding per element
+  // axpby: y = a x + b y, one rounding per element (exact), or the float32 formula
   {
     Lists<T> yy = y;
     yy.ptrs.clear();
     for (auto& v : yy.data) yy.ptrs.push_back(v.data());
     const float a = 0.37f, b = -1.25f;
-    cpu::mt_axpby(s, yy.m(), x.c(), a, b);
+    cpu::mt_axpby(s, yy.m(), x.c(), a, b, exact);
     for (size_t t = 0; t < numels.size(); ++t)
       for (int64_t i = 0; i < numels[t]; ++i) {
-        const T want = round_into<T>((long double)a * x.at(t, i) + (long double)b * y.at(t, i));
-        CHECK(load(yy.data[t][i]) == load(want), "mt_axpby %s [%zu][%lld]", dtype_name(s.dtype), t,
+        const long double want = want_axpby<T>(exact, a, x.at(t, i), b, y.at(t, i));
+        CHECK(yy.at(t, i) == want, "mt_axpby %s exact=%d [%zu][%lld]", dtype_name(s.dtype), exact, t,
               (long long)i);
       }
+    // xs is ys (the aliasing the op allows): the same values as from a separate copy
+    Lists<T> self = y, other = y;
+    for (auto* L : {&self, &other}) {
+      L->ptrs.clear();
+      for (auto& v : L->data) L->ptrs.push_back(v.data());
+    }
+    cpu::mt_axpby(s, self.m(), self.c(), a, b, exact);
+    cpu::mt_axpby(s, other.m(), y.c(), a, b, exact);
+    bool same = true;
+    for (size_t t = 0; t < numels.size(); ++t)
+      same = same && std::memcmp(self.data[t].data(), other.data[t].data(), sizeof(T) * numels[t]) == 0;
+    CHECK(same, "mt_axpby %s exact=%d with xs == ys", dtype_name(s.dtype), exact);
   }
 
   // cg_step and cg_direction, with and without the preconditioner
@@ -306,13 +352,15 @@ static void test_ops(const std::vector<int64_t>& numels, uint64_t seed) {
     }
     const float alpha = -0.8125f, beta = 0.4375f;
     const cpu::ConstList mc = pre ? minv.c() : cpu::ConstList{nullptr};
-    const cpu::CgStepNorms n = cpu::mt_cg_step(s, xx.m(), rr.m(), pp.c(), hp.c(), mc, alpha);
+    const cpu::CgStepNorms n =
+        cpu::mt_cg_step(s, xx.m(), rr.m(), pp.c(), hp.c(), mc, alpha, exact);
     long double xs = 0, rs = 0, rz = 0;
     for (size_t t = 0; t < numels.size(); ++t)
       for (int64_t i = 0; i < numels[t]; ++i) {
-        const long double xn = load(round_into<T>(x.at(t, i) + (long double)alpha * p.at(t, i)));
-        const long double rn = load(round_into<T>(y.at(t, i) + (long double)alpha * hp.at(t, i)));
-        CHECK(xx.at(t, i) == xn && rr.at(t, i) == rn, "mt_cg_step values %s", dtype_name(s.dtype));
+        const long double xn = want_update<T>(exact, x.at(t, i), alpha, p.at(t, i));
+        const long double rn = want_update<T>(exact, y.at(t, i), alpha, hp.at(t, i));
+        CHECK(xx.at(t, i) == xn && rr.at(t, i) == rn, "mt_cg_step values %s exact=%d",
+              dtype_name(s.dtype), exact);
         xs += xn * xn;
         rs += rn * rn;
         rz += rn * (pre ? minv.at(t, i) : 1.0L) * rn;
@@ -321,14 +369,38 @@ static void test_ops(const std::vector<int64_t>& numels, uint64_t seed) {
           "mt_cg_step norms %s pre=%d: %.17g %.17g %.17g vs %.17Lg %.17Lg %.17Lg", dtype_name(s.dtype),
           pre, n.x_norm_sq, n.r_norm_sq, n.r_dot_z, xs, rs, rz);
 
-    cpu::mt_cg_direction(s, pp.m(), rr.c(), mc, beta);
+    cpu::mt_cg_direction(s, pp.m(), rr.c(), mc, beta, exact);
     for (size_t t = 0; t < numels.size(); ++t)
       for (int64_t i = 0; i < numels[t]; ++i) {
-        const long double z = (pre ? minv.at(t, i) : 1.0L) * rr.at(t, i);
-        const long double want = load(round_into<T>((long double)beta * p.at(t, i) - z));
-        CHECK(pp.at(t, i) == want, "mt_cg_direction %s pre=%d", dtype_name(s.dtype), pre);
+        const long double want =
+            want_direction<T>(exact, beta, p.at(t, i), pre, pre ? minv.at(t, i) : 1.0L, rr.at(t, i));
+        CHECK(pp.at(t, i) == want, "mt_cg_direction %s exact=%d pre=%d", dtype_name(s.dtype), exact,
+              pre);
       }
   }
+}
+
+// The float32 path is not the float64 one (else the flag would be ignored): with
+// x = y = 1, a = 1 and b = 2^-8 + 2^-30, 1 + b rounds up to 1 + 2^-7 from double, but
+// float32 gives the tie 1 + 2^-8 first, which RNE sends to 1.
+static void test_paths_differ() {
+  std::mt19937_64 rng(11);
+  const std::vector<int64_t> numels = {4099};
+  const cpu::ListShape s{DType::BFloat16, 1, numels.data()};
+  Lists<bf16> x(numels, rng), y(numels, rng);
+  x.data[0][0] = store<bf16>(1.0);
+  y.data[0][0] = store<bf16>(1.0);
+  Lists<bf16> y1 = y, y2 = y;
+  for (auto* L : {&y1, &y2}) {
+    L->ptrs.clear();
+    for (auto& v : L->data) L->ptrs.push_back(v.data());
+  }
+  const float a = 1.0f, b = 0x1p-8f + 0x1p-30f;
+  cpu::mt_axpby(s, y1.m(), x.c(), a, b, false);
+  cpu::mt_axpby(s, y2.m(), x.c(), a, b, true);
+  CHECK(y1.data[0][0].bits == 0x3f80 && y2.data[0][0].bits == 0x3f81,
+        "bf16 axpby 1 + (2^-8 + 2^-30): fast %04x (want 3f80), exact %04x (want 3f81)",
+        y1.data[0][0].bits, y2.data[0][0].bits);
 }
 
 int main() {
@@ -337,10 +409,15 @@ int main() {
   test_round_doubles();
   // odd sizes, an empty tensor, sizes straddling the chunk and lane widths
   const std::vector<int64_t> shapes = {1, 7, 0, 123, 4097, cpu::kChunkElems + 3, 16 * 4096, 9};
-  test_ops<float>(shapes, 1);
-  test_ops<bf16>(shapes, 2);
-  test_ops<fp16>(shapes, 3);
+  for (const bool exact : {true, false}) {
+    test_ops<float>(shapes, 1, exact);
+    test_ops<bf16>(shapes, 2, exact);
+    test_ops<fp16>(shapes, 3, exact);
+  }
   std::vector<int64_t> many(300, 17);  // many tiny tensors
-  test_ops<float>(many, 4);
+  test_ops<float>(many, 4, false);
+  test_ops<bf16>(many, 5, false);
+  test_ops<fp16>(many, 6, true);
+  test_paths_differ();
   return llmopt_test::finish("test_multi_tensor_cpu");
 }

@@ -51,12 +51,12 @@ at::Tensor mt_norm_sq_cuda(at::TensorList xs) {
 }
 
 void mt_axpby_cuda(at::TensorList ys, at::TensorList xs, const at::Tensor& a,
-                   const at::Tensor& b) {
+                   const at::Tensor& b, bool exact) {
   auto p = prepare_lists("mt_axpby_", {{"ys", ys, true}, {"xs", xs, false, "ys"}});
   const ScalarValue av = scalar_value("mt_axpby_", "a", a, p.device);
   const ScalarValue bv = scalar_value("mt_axpby_", "b", b, p.device);
   const c10::cuda::CUDAGuard guard(p.device);
-  check(cuda::mt_axpby(shape_of(p), p.out(0), p.in(1), to_kernel(av), to_kernel(bv),
+  check(cuda::mt_axpby(shape_of(p), p.out(0), p.in(1), to_kernel(av), to_kernel(bv), exact,
                        c10::cuda::getCurrentCUDAStream()),
         "mt_axpby_");
   p.finish();
@@ -64,7 +64,7 @@ void mt_axpby_cuda(at::TensorList ys, at::TensorList xs, const at::Tensor& a,
 
 at::Tensor mt_cg_step_cuda(at::TensorList xs, at::TensorList rs, at::TensorList ps,
                            at::TensorList hps, const at::Tensor& alpha,
-                           OptionalTensorList minv) {
+                           OptionalTensorList minv, bool exact) {
   const char* op = "mt_cg_step_";
   auto p = prepare_cg_step(xs, rs, ps, hps, minv);
   const ScalarValue av = scalar_value(op, "alpha", alpha, p.device);
@@ -72,7 +72,7 @@ at::Tensor mt_cg_step_cuda(at::TensorList xs, at::TensorList rs, at::TensorList 
   at::Tensor out = at::empty({3}, at::TensorOptions().dtype(at::kFloat).device(p.device));
   at::Tensor ws = workspace(p, 3);
   check(cuda::mt_cg_step(shape_of(p), p.out(0), p.out(1), p.in(2), p.in(3),
-                         minv.has_value() ? p.in(4) : nullptr, to_kernel(av),
+                         minv.has_value() ? p.in(4) : nullptr, to_kernel(av), exact,
                          out.data_ptr<float>(), ws.data_ptr<double>(),
                          c10::cuda::getCurrentCUDAStream()),
         op);
@@ -81,13 +81,13 @@ at::Tensor mt_cg_step_cuda(at::TensorList xs, at::TensorList rs, at::TensorList 
 }
 
 void mt_cg_direction_cuda(at::TensorList ps, at::TensorList rs, const at::Tensor& beta,
-                          OptionalTensorList minv) {
+                          OptionalTensorList minv, bool exact) {
   const char* op = "mt_cg_direction_";
   auto p = prepare_cg_direction(ps, rs, minv);
   const ScalarValue bv = scalar_value(op, "beta", beta, p.device);
   const c10::cuda::CUDAGuard guard(p.device);
   check(cuda::mt_cg_direction(shape_of(p), p.out(0), p.in(1), minv.has_value() ? p.in(2) : nullptr,
-                              to_kernel(bv), c10::cuda::getCurrentCUDAStream()),
+                              to_kernel(bv), exact, c10::cuda::getCurrentCUDAStream()),
         op);
   p.finish();
 }

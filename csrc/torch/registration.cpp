@@ -16,11 +16,13 @@ TORCH_LIBRARY(llmopt_ext, m) {
   // ---- multi-tensor vector ops for Steihaug-CG (llmopt_ext/ops/multi_tensor.py)
   m.def("mt_dot(Tensor[] xs, Tensor[] ys) -> Tensor");
   m.def("mt_norm_sq(Tensor[] xs) -> Tensor");
-  m.def("mt_axpby_(Tensor(a!)[] ys, Tensor[] xs, Tensor a, Tensor b) -> ()");
+  m.def("mt_axpby_(Tensor(a!)[] ys, Tensor[] xs, Tensor a, Tensor b, bool exact=False) -> ()");
   m.def(
       "mt_cg_step_(Tensor(a!)[] xs, Tensor(b!)[] rs, Tensor[] ps, Tensor[] hps, Tensor alpha, "
-      "Tensor[]? minv=None) -> Tensor");
-  m.def("mt_cg_direction_(Tensor(a!)[] ps, Tensor[] rs, Tensor beta, Tensor[]? minv=None) -> ()");
+      "Tensor[]? minv=None, bool exact=False) -> Tensor");
+  m.def(
+      "mt_cg_direction_(Tensor(a!)[] ps, Tensor[] rs, Tensor beta, Tensor[]? minv=None, "
+      "bool exact=False) -> ()");
 
   // ---- fused optimizer updates (llmopt_ext/ops/optim_update.py)
   m.def(

@@ -7,8 +7,26 @@ scalars that stay on the device.
 
 All lists of one call hold tensors of one dtype (float32, bfloat16 or float16) on one
 device, tensor ``i`` of every list having the shape of tensor ``i`` of the first list.
-Arithmetic is float64 inside, each stored element rounded once into its dtype, and
-reductions return float32 tensors with no host sync. Scalars (``a``, ``b``, ``alpha``,
+Reductions accumulate in float64 and return float32 tensors with no host sync.
+
+Element-wise results (``mt_axpby_``, ``mt_cg_step_``, ``mt_cg_direction_``), by the
+keyword ``exact`` (a bool, default False):
+
+* float32 storage, whatever ``exact`` says: float64 math, each stored element rounded
+  once into float32 (these ops are memory-bound there already).
+* bfloat16/float16 storage, ``exact=True``: the same float64 math and single rounding
+  into the 16-bit dtype (correctly rounded; compute-bound on CPUs, so opt-in).
+* bfloat16/float16 storage, ``exact=False`` (default, fastest): float32 math, each
+  product and sum rounded to float32 separately in the order written below (no FMA),
+  then one round-to-nearest-even into the 16-bit dtype; the scalars are float32 and
+  ``minv`` is loaded as float32::
+
+      mt_axpby_:        y = R16( fl(fl(a*x) + fl(b*y)) )
+      mt_cg_step_:      x = R16( fl(x + fl(alpha*p)) ),  r = R16( fl(r + fl(alpha*hp)) )
+      mt_cg_direction_: z = minv ? fl(minv*r) : r,      p = R16( fl(fl(beta*p) - z) )
+
+  ``mt_cg_step_``'s norms are the same on both paths: float64 sums over the stored,
+  rounded values. CPU, CUDA and the reference give the same bits on either path. Scalars (``a``, ``b``, ``alpha``,
 ``beta``) are Python numbers or one-element tensors (a float32 tensor on the lists'
 device is read by the kernel without a sync); they are rounded to float32, and a finite
 value beyond float32's range is an error.
@@ -58,13 +76,24 @@ def mt_norm_sq(xs: TensorList) -> torch.Tensor:
     return backend.resolve(op, first_tensor(op, "xs", xs).device)(xs)
 
 
-def mt_axpby_(ys: TensorList, xs: TensorList, a: Scalar, b: Scalar) -> None:
-    """In place: ``ys[i] = a * xs[i] + b * ys[i]`` for every i. ``xs`` may be ``ys``."""
+def _check_exact(op: str, exact) -> bool:
+    if not isinstance(exact, bool):
+        raise TypeError(f"{op}: exact must be a bool, got {type(exact).__name__}")
+    return exact
+
+
+def mt_axpby_(ys: TensorList, xs: TensorList, a: Scalar, b: Scalar, *, exact: bool = False) -> None:
+    """In place: ``ys[i] = a * xs[i] + b * ys[i]`` for every i. ``xs`` may be ``ys``.
+
+    bfloat16/float16: ``exact=False`` (default) computes ``R16(fl(fl(a*x) + fl(b*y)))`` in
+    float32; ``exact=True`` rounds the float64 ``a*x + b*y`` once (see the module doc).
+    """
     op = "mt_axpby_"
+    exact = _check_exact(op, exact)
     ys, xs = as_list(op, "ys", ys), as_list(op, "xs", xs)
     check_written_grad(op, [("ys", ys, True)])
     fn = backend.resolve(op, first_tensor(op, "ys", ys).device)
-    fn(ys, xs, scalar(op, "a", a), scalar(op, "b", b))
+    fn(ys, xs, scalar(op, "a", a), scalar(op, "b", b), exact=exact)
 
 
 def mt_cg_step_(
@@ -74,6 +103,8 @@ def mt_cg_step_(
     hps: TensorList,
     alpha: Scalar,
     minv: TensorList | None = None,
+    *,
+    exact: bool = False,
 ) -> torch.Tensor:
     """One fused CG update of the iterate and the residual.
 
@@ -81,25 +112,36 @@ def mt_cg_step_(
     ``[||x||^2, ||r||^2, r^T M^-1 r]`` of the updated vectors, where ``M^-1 = diag(minv)``
     (a list shaped like ``xs``; the identity when None, and then the last entry equals
     ``||r||^2``). One pass over the data, no host sync.
+
+    bfloat16/float16: ``exact=False`` (default) computes ``x = R16(fl(x + fl(alpha*p)))``
+    and ``r = R16(fl(r + fl(alpha*hp)))`` in float32; ``exact=True`` rounds the float64
+    results once. The norms are float64 sums of the stored values on both paths.
     """
     op = "mt_cg_step_"
+    exact = _check_exact(op, exact)
     xs, rs = as_list(op, "xs", xs), as_list(op, "rs", rs)
     ps, hps = as_list(op, "ps", ps), as_list(op, "hps", hps)
     check_written_grad(op, [("xs", xs, True), ("rs", rs, True)])
     fn = backend.resolve(op, first_tensor(op, "xs", xs).device)
-    return fn(xs, rs, ps, hps, scalar(op, "alpha", alpha), optional_list(op, "minv", minv))
+    return fn(xs, rs, ps, hps, scalar(op, "alpha", alpha), optional_list(op, "minv", minv), exact=exact)
 
 
 def mt_cg_direction_(
-    ps: TensorList, rs: TensorList, beta: Scalar, minv: TensorList | None = None
+    ps: TensorList, rs: TensorList, beta: Scalar, minv: TensorList | None = None, *,
+    exact: bool = False,
 ) -> None:
     """In place the new CG search direction: ``p = -(M^-1 r) + beta * p``
-    (``M^-1 = diag(minv)``, the identity when None)."""
+    (``M^-1 = diag(minv)``, the identity when None).
+
+    bfloat16/float16: ``exact=False`` (default) computes ``z = fl(minv*r)`` (or ``r``) and
+    ``p = R16(fl(fl(beta*p) - z))`` in float32; ``exact=True`` rounds the float64 result once.
+    """
     op = "mt_cg_direction_"
+    exact = _check_exact(op, exact)
     ps, rs = as_list(op, "ps", ps), as_list(op, "rs", rs)
     check_written_grad(op, [("ps", ps, True)])
     fn = backend.resolve(op, first_tensor(op, "ps", ps).device)
-    fn(ps, rs, scalar(op, "beta", beta), optional_list(op, "minv", minv))
+    fn(ps, rs, scalar(op, "beta", beta), optional_list(op, "minv", minv), exact=exact)
 
 
 # ---------------------------------------------------------------------------
@@ -121,7 +163,7 @@ def _fake_mt_norm_sq(xs):
     return _reduction_out(xs, ())
 
 
-def _fake_mt_axpby_(ys, xs, a, b):
+def _fake_mt_axpby_(ys, xs, a, b, exact=False):
     op = "mt_axpby_"
     check_lists(op, [("ys", ys, True), ("xs", xs, False)])
     check_scalar(op, "a", a, ys[0].device, read=False)
@@ -133,14 +175,14 @@ def _cg_lists(names, written, lists, minv):
     return specs + ([("minv", minv, False)] if minv is not None else [])
 
 
-def _fake_mt_cg_step_(xs, rs, ps, hps, alpha, minv=None):
+def _fake_mt_cg_step_(xs, rs, ps, hps, alpha, minv=None, exact=False):
     op = "mt_cg_step_"
     check_lists(op, _cg_lists(("xs", "rs", "ps", "hps"), (True, True, False, False), (xs, rs, ps, hps), minv))
     check_scalar(op, "alpha", alpha, xs[0].device, read=False)
     return _reduction_out(xs, (3,))
 
 
-def _fake_mt_cg_direction_(ps, rs, beta, minv=None):
+def _fake_mt_cg_direction_(ps, rs, beta, minv=None, exact=False):
     op = "mt_cg_direction_"
     check_lists(op, _cg_lists(("ps", "rs"), (True, False), (ps, rs), minv))
     check_scalar(op, "beta", beta, ps[0].device, read=False)

@@ -8,6 +8,10 @@ Numerical contract shared by all backends (see csrc/common/float_types.h):
   * elements are computed in float64 (exact for products of two 16/32-bit floats) and each
     stored element is rounded ONCE from that float64 value into the tensor's dtype;
   * reductions accumulate in float64 and return a float32 tensor.
+Exception, the default of the element-wise multi-tensor ops (``exact=False``) on bfloat16 /
+float16 storage: float32 math, each product and sum rounded to float32 separately in the
+written order (one torch float32 op at a time), then one round-to-nearest-even into the
+16-bit dtype (``.to(dtype)``); see csrc/common/multi_tensor_math.h.
 """
 from __future__ import annotations
 
@@ -57,6 +61,20 @@ def _zero(like: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=torch.float64, device=like.device)
 
 
+def _fast16(t: torch.Tensor, exact: bool) -> bool:
+    """The float32 path: 16-bit storage and exact=False (float32 storage is always exact)."""
+    return not exact and t.dtype in (torch.bfloat16, torch.float16)
+
+
+def _load_f32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32)
+
+
+def _coef32(s: torch.Tensor) -> torch.Tensor:
+    """A scalar coefficient rounded to float32 (a 0-dim float32 tensor)."""
+    return s.reshape(()).to(torch.float32)
+
+
 # ---------------------------------------------------------------------------
 # multi-tensor vector ops
 
@@ -78,13 +96,21 @@ def mt_norm_sq(xs: TensorList) -> torch.Tensor:
     return total.to(torch.float32)
 
 
-def mt_axpby_(ys: TensorList, xs: TensorList, a: torch.Tensor, b: torch.Tensor) -> None:
-    """ys[i] = a * xs[i] + b * ys[i]"""
+def mt_axpby_(ys: TensorList, xs: TensorList, a: torch.Tensor, b: torch.Tensor, exact: bool = False) -> None:
+    """ys[i] = a * xs[i] + b * ys[i]; 16-bit storage with exact=False:
+    y = R16(fl(fl(a*x) + fl(b*y)))"""
     lists = [("ys", ys, True), ("xs", xs, False, "ys")]  # xs may be ys
     check_lists("mt_axpby_", lists)
     check_no_alias("mt_axpby_", lists)
     check_scalar("mt_axpby_", "a", a, ys[0].device)
     check_scalar("mt_axpby_", "b", b, ys[0].device)
+    if _fast16(ys[0], exact):
+        a32, b32 = _coef32(a), _coef32(b)
+        for y, x in zip(ys, xs):
+            ax = a32 * _load_f32(x)  # each float32 op rounds once; no FMA
+            by = b32 * _load_f32(y)
+            y.copy_((ax + by).to(y.dtype))
+        return
     a64, b64 = _coef(a), _coef(b)
     for y, x in zip(ys, xs):
         y.copy_(round_from_f64(a64 * _f64(x) + b64 * _f64(y), y.dtype))
@@ -97,20 +123,29 @@ def mt_cg_step_(
     hps: TensorList,
     alpha: torch.Tensor,
     minv: TensorList | None = None,
+    exact: bool = False,
 ) -> torch.Tensor:
     """x += alpha * p; r += alpha * hp; returns [||x||^2, ||r||^2, r^T M^-1 r] of the new x, r
-    (M^-1 = diag(minv), the identity when minv is None)."""
+    (M^-1 = diag(minv), the identity when minv is None). 16-bit storage with exact=False:
+    x = R16(fl(x + fl(alpha*p))), r = R16(fl(r + fl(alpha*hp))); the norms are float64 sums
+    of the stored values either way."""
     lists = [("xs", xs, True), ("rs", rs, True), ("ps", ps, False), ("hps", hps, False)]
     if minv is not None:
         lists.append(("minv", minv, False))
     check_lists("mt_cg_step_", lists)
     check_no_alias("mt_cg_step_", lists)
     check_scalar("mt_cg_step_", "alpha", alpha, xs[0].device)
+    fast = _fast16(xs[0], exact)
     a = _coef(alpha)
+    a32 = _coef32(alpha)
     x_sq, r_sq, r_z = _zero(xs[0]), _zero(xs[0]), _zero(xs[0])
     for i, (x, r, p, hp) in enumerate(zip(xs, rs, ps, hps)):
-        x_new = round_from_f64(_f64(x) + a * _f64(p), x.dtype)
-        r_new = round_from_f64(_f64(r) + a * _f64(hp), r.dtype)
+        if fast:
+            x_new = (_load_f32(x) + a32 * _load_f32(p)).to(x.dtype)
+            r_new = (_load_f32(r) + a32 * _load_f32(hp)).to(r.dtype)
+        else:
+            x_new = round_from_f64(_f64(x) + a * _f64(p), x.dtype)
+            r_new = round_from_f64(_f64(r) + a * _f64(hp), r.dtype)
         x.copy_(x_new)
         r.copy_(r_new)
         xv, rv = _f64(x_new), _f64(r_new)
@@ -122,15 +157,23 @@ def mt_cg_step_(
 
 
 def mt_cg_direction_(
-    ps: TensorList, rs: TensorList, beta: torch.Tensor, minv: TensorList | None = None
+    ps: TensorList, rs: TensorList, beta: torch.Tensor, minv: TensorList | None = None,
+    exact: bool = False,
 ) -> None:
-    """p = -(M^-1 r) + beta * p"""
+    """p = -(M^-1 r) + beta * p; 16-bit storage with exact=False:
+    z = minv ? fl(minv*r) : r, p = R16(fl(fl(beta*p) - z))"""
     lists = [("ps", ps, True), ("rs", rs, False)]
     if minv is not None:
         lists.append(("minv", minv, False))
     check_lists("mt_cg_direction_", lists)
     check_no_alias("mt_cg_direction_", lists)
     check_scalar("mt_cg_direction_", "beta", beta, ps[0].device)
+    if _fast16(ps[0], exact):
+        b32 = _coef32(beta)
+        for i, (p, r) in enumerate(zip(ps, rs)):
+            z = _load_f32(r) if minv is None else _load_f32(minv[i]) * _load_f32(r)
+            p.copy_((b32 * _load_f32(p) - z).to(p.dtype))
+        return
     b = _coef(beta)
     for i, (p, r) in enumerate(zip(ps, rs)):
         z = _f64(r) if minv is None else _f64(minv[i]) * _f64(r)
