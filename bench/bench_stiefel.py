@@ -48,9 +48,10 @@ def run(device: torch.device, quick: bool = False) -> list[Results]:
                      "reference = float64 CholeskyQR2 (llmopt_ext.ops.reference)")
     res.notes.append("meets_goal1: the default path is no slower than the best plain-PyTorch baseline in the "
                      "row (torch.randn; linalg.qr / aten_cholqr2; qr_randn / aten_cholqr2 of randn)")
-    res.notes.append("llmopt_ext default (exact=False): float32 CholeskyQR2 from ATen calls (pass 2 by the "
-                     "inverse of its near-identity Cholesky factor) with one host sync (hand-over check); exact_ms = exact=True: CPU float64 CholeskyQR2 in C++ (OpenMP, fixed "
-                     "summation order, AVX2/AVX-512 clones), CUDA float32 CholeskyQR2 from cuBLAS/cuSOLVER calls")
+    res.notes.append("llmopt_ext default (exact=False): float32 CholeskyQR2 from ATen calls (each pass a GEMM "
+                     "by the inverse of the r x r Cholesky factor) with one host sync (hand-over check); "
+                     "exact_ms = exact=True: CPU float64 CholeskyQR2 in C++ (OpenMP, fixed summation order, "
+                     "AVX2/AVX-512 clones), CUDA float32 CholeskyQR2 from cuBLAS/cuSOLVER calls")
     shapes = [(1024, 64), (4096, 128)] if quick else [(4096, 128), (4096, 256), (14336, 128)]
     reps = dict(max_reps=5 if quick else 20)
     with torch.no_grad():

@@ -26,10 +26,11 @@ keyword ``exact`` (a bool, default False):
       mt_cg_direction_: z = minv ? fl(minv*r) : r,      p = R16( fl(fl(beta*p) - z) )
 
   ``mt_cg_step_``'s norms are the same on both paths: float64 sums over the stored,
-  rounded values. CPU, CUDA and the reference give the same bits on either path. Scalars (``a``, ``b``, ``alpha``,
-``beta``) are Python numbers or one-element tensors (a float32 tensor on the lists'
-device is read by the kernel without a sync); they are rounded to float32, and a finite
-value beyond float32's range is an error.
+  rounded values. CPU, CUDA and the reference give the same bits on either path.
+
+Scalars (``a``, ``b``, ``alpha``, ``beta``) are Python numbers or one-element tensors (a
+float32 tensor on the lists' device is read by the kernel without a sync); they are rounded
+to float32, and a finite value beyond float32's range is an error.
 
 In-place ops write outside autograd (call them under ``torch.no_grad()`` when a written
 tensor requires grad), and a written tensor may share no memory with another argument,
